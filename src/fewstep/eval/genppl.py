@@ -1,0 +1,136 @@
+"""Generative perplexity: how likely a judge causal LM finds decoded samples.
+
+Protocol of MDLM (Sahoo et al. 2024, `diffusion.py::compute_generative_perplexity`), as in Duo and IDLM:
+  1. decode the samples to text with the generator's tokenizer (done by the caller);
+  2. retokenize each text with the judge's tokenizer (prepend the judge's BOS if it uses one);
+  3. truncate to the judge's context `max_len` (MDLM: `truncation=True, max_length=model.length`);
+  4. next-token NLL from the judge, log-softmax in float32 (or float64);
+  5. weights: every non-EOS token plus the FIRST EOS of the text; later EOS tokens and padding weigh 0;
+  6. gen PPL = exp(sum(nll * w) / sum(w)) over ALL samples (corpus-level, token-weighted). Never the mean of
+     per-batch perplexities: that was the bug fixed in MDLM PR #4, and it depends on the batch size.
+
+Truncation, not chunking: a chunk scored without the text before it has a context-free start, which inflates
+PPL and makes the number depend on the chunk size; MDLM truncates (samples of 1024 GPT-2 tokens fit
+gpt2-large's 1024 context nearly always). `n_truncated` in the result says how often it happened.
+
+One deliberate difference from MDLM: there, a text with no EOS of its own gets its first padding EOS counted
+when a longer text shares its batch, so the number depends on batching. Here padding never counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewstep.config import FewstepError
+from fewstep.eval.judge import Judge, module_device
+
+
+def _retokenize(texts: Sequence[str], judge: Judge) -> tuple[list[list[int]], int]:
+    """Judge token ids per text, BOS prepended and truncated to judge.max_len; also how many were cut."""
+    seqs, n_cut = [], 0
+    for ids in judge.encode(list(texts)):
+        ids = ([judge.bos_id] if judge.bos_id is not None else []) + list(ids)
+        if len(ids) > judge.max_len:
+            n_cut += 1
+            ids = ids[: judge.max_len]
+        seqs.append(ids)
+    return seqs, n_cut
+
+
+def token_weights(x: torch.Tensor, lengths: torch.Tensor, eos_id: int, start: int) -> torch.Tensor:
+    """Weights of the targets x[:, 1:] (MDLM step 5).
+
+    x: (B, L) judge ids, right-padded; lengths: (B,) real lengths (with BOS); start: 1 if a BOS was prepended.
+    A prepended BOS equal to EOS (GPT-2's <|endoftext|>) must not count as the text's first EOS: `start`.
+    Returns float (B, L-1).
+    """
+    pos = torch.arange(x.shape[1], device=x.device)  # (L,)
+    text = (pos[None, :] >= start) & (pos[None, :] < lengths[:, None])  # (B, L) real text tokens
+    is_eos = (x == eos_id) & text
+    first_eos = is_eos & (is_eos.long().cumsum(-1) == 1)
+    w = text & ((x != eos_id) | first_eos)
+    return w[:, 1:].float()
+
+
+@torch.no_grad()
+def score_texts(
+    texts: Sequence[str],
+    judge: Judge,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """Per-sample summed NLL (nats, float64 (N,)) and weighted token counts (N,) under the judge.
+
+    Also returns n_truncated. Samples are scored in batches of `batch_size` padded with EOS to the batch's
+    longest; the sums do not depend on the batching.
+    """
+    if dtype not in (torch.float32, torch.float64):
+        raise FewstepError(f"gen PPL is scored in float32 or float64, not {dtype}")
+    if device is None:  # the module's current device: an in-process model may have moved since wrapping
+        device = module_device(judge.model) if isinstance(judge.model, nn.Module) else judge.device
+    device = torch.device(device)
+    seqs, n_cut = _retokenize(texts, judge)
+    start = 1 if judge.bos_id is not None else 0
+    nll_sum = torch.zeros(len(seqs), dtype=torch.float64)
+    n_tok = torch.zeros(len(seqs), dtype=torch.float64)
+    model = judge.model
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()  # dropout off; restored below so an in-process model keeps training afterwards
+    try:
+        for b0 in range(0, len(seqs), batch_size):
+            batch = seqs[b0 : b0 + batch_size]
+            lengths = torch.tensor([len(s) for s in batch])  # (B,)
+            L = int(lengths.max()) if len(batch) else 0
+            if L < 2:
+                continue  # nothing to predict: every sequence has at most one token
+            x = torch.full((len(batch), L), judge.eos_id, dtype=torch.long)  # (B, L), EOS padding as in MDLM
+            for i, s in enumerate(batch):
+                x[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            x = x.to(device)
+            out = model(x)
+            logits = getattr(out, "logits", out)  # (B, L, V)
+            logp = F.log_softmax(logits[:, :-1].to(dtype), dim=-1)  # (B, L-1, V)
+            nll = -logp.gather(-1, x[:, 1:, None]).squeeze(-1)  # (B, L-1)
+            w = token_weights(x, lengths.to(device), judge.eos_id, start).to(dtype)  # (B, L-1)
+            nll_sum[b0 : b0 + len(batch)] = (nll * w).sum(-1).double().cpu()
+            n_tok[b0 : b0 + len(batch)] = w.sum(-1).double().cpu()
+    finally:
+        if was_training:
+            model.train()
+    return {"nll_sum": nll_sum, "n_tokens": n_tok, "n_truncated": n_cut}
+
+
+def generative_perplexity(
+    texts: Sequence[str],
+    judge: Judge,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """Corpus-level, token-weighted generative perplexity of `texts` under `judge` (protocol: module doc).
+
+    Returns {"gen_ppl", "nll" (mean nats per counted token), "n_tokens", "n_samples", "n_truncated",
+    "judge"}.
+    """
+    s = score_texts(texts, judge, batch_size=batch_size, device=device, dtype=dtype)
+    total_w = float(s["n_tokens"].sum())
+    if total_w == 0:
+        raise FewstepError("gen PPL: no tokens to score (every sample is empty or a single judge token)")
+    nll = float(s["nll_sum"].sum()) / total_w
+    return {
+        "gen_ppl": math.exp(nll),
+        "nll": nll,
+        "n_tokens": int(total_w),
+        "n_samples": len(texts),
+        "n_truncated": s["n_truncated"],
+        "judge": judge.name,
+    }

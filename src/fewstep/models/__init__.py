@@ -1,0 +1,34 @@
+"""Model construction from a `ModelConfig` and a tokenizer vocabulary."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.nn as nn
+
+from fewstep.models.transformer import Transformer
+
+KINDS = ("mdlm", "ar")
+
+
+def build_model(cfg, vocab_size: int) -> nn.Module:
+    """A masked denoiser (vocab + 1 mask token, bidirectional) or a causal LM, from a ModelConfig."""
+    from fewstep.config import FewstepError
+    from fewstep.diffusion.mdlm import MaskedDenoiser
+
+    if cfg.kind not in KINDS:
+        raise FewstepError(f"unknown model.kind '{cfg.kind}' (known: {', '.join(KINDS)})")
+    causal = cfg.kind == "ar"
+    n_vocab = vocab_size + (1 if cfg.kind == "mdlm" else 0)
+    backbone = Transformer(
+        n_vocab, cfg.seq_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.mlp_ratio,
+        causal=causal, time_cond=cfg.time_cond and not causal, dropout=cfg.dropout,
+    )
+    if cfg.kind == "mdlm":
+        return MaskedDenoiser(backbone, mask_id=vocab_size)
+    return backbone
+
+
+def model_spec(cfg, vocab_size: int) -> dict:
+    """What a checkpoint records to rebuild the module: the model config plus the tokenizer vocabulary size."""
+    return {**dataclasses.asdict(cfg), "vocab_size": vocab_size}

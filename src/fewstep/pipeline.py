@@ -1,0 +1,76 @@
+"""Library entry points behind the CLI: pre-train a model from a config, and generate from any checkpoint."""
+
+from __future__ import annotations
+
+import torch
+
+from fewstep.config import FewstepError, RunConfig
+
+
+def data_meta(cfg: RunConfig, rank: int = 0, world: int = 1) -> dict:
+    """Build the corpus if needed (rank 0 only) and return what checkpoints record about it."""
+    from fewstep.data import ensure, load_meta
+
+    if rank == 0:
+        meta = ensure(cfg.data)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        meta = load_meta(cfg.data.dir)
+    keys = ("tokenizer", "vocab_size", "eos_id", "corpus")
+    return {k: meta[k] for k in keys if k in meta} | {"dir": cfg.data.dir}
+
+
+def pretrain(cfg: RunConfig) -> dict:
+    """Train an MDLM or AR model (cfg.model.kind) with the one training loop; returns the run summary."""
+    from fewstep.ar import ARObjective
+    from fewstep.data import TokenBlocks
+    from fewstep.diffusion.mdlm import MDLMObjective
+    from fewstep.diffusion.schedule import get_schedule
+    from fewstep.models import build_model, model_spec
+    from fewstep.train import fit, init_distributed
+
+    rank, world, device = init_distributed()
+    dmeta = data_meta(cfg, rank, world)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, dmeta["vocab_size"]).to(device)
+    if cfg.model.kind == "mdlm":
+        task = MDLMObjective(model, get_schedule(cfg.model.schedule), cfg.train.antithetic)
+    else:
+        task = ARObjective(model)
+    train = TokenBlocks(cfg.data.dir, "train", cfg.model.seq_len, cfg.data.unique_tokens)
+    val = TokenBlocks(cfg.data.dir, "val", cfg.model.seq_len)
+    meta = {"models": {"model": model_spec(cfg.model, dmeta["vocab_size"])}, "data": dmeta}
+    summary = fit(task, cfg, train_data=train, val_data=val, meta=meta, device=device, rank=rank, world=world)
+    summary.update(params=sum(p.numel() for p in model.parameters()), unique_tokens=train.n_tokens)
+    return summary
+
+
+@torch.no_grad()
+def generate(model, meta: dict, *, n: int, steps: int, length: int | None = None, batch: int | None = None,
+             seed: int = 0, greedy_tail: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             precision: str = "fp32", device=None) -> torch.Tensor:
+    """n samples (n, L) from a loaded checkpoint: ancestral sampling for DLMs, KV-cached sampling for AR."""
+    from fewstep.ar import ar_sample
+    from fewstep.diffusion.sampling import sample
+    from fewstep.diffusion.schedule import get_schedule
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    spec = meta["model"]
+    length = length or spec["seq_len"]
+    batch = min(batch or n, n)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        if meta["kind"] == "ar":
+            x = ar_sample(model, batch=b, length=length, bos_id=meta["data"]["eos_id"], generator=gen,
+                          temperature=temperature, top_p=top_p, device=device, precision=precision)
+        elif meta["kind"] == "mdlm":
+            x = sample(model, get_schedule(spec.get("schedule", "loglinear")), batch=b, length=length,
+                       steps=steps, mask_id=model.mask_id, greedy_tail=greedy_tail, temperature=temperature,
+                       top_p=top_p, generator=gen, device=device, precision=precision)
+        else:
+            raise FewstepError(f"cannot sample a model of kind '{meta['kind']}'")
+        out.append(x.cpu())
+    return torch.cat(out)

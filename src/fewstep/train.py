@@ -1,0 +1,256 @@
+"""The one training loop: MDLM and AR pre-training and every distillation method run through `fit`.
+
+A task exposes `trainable() -> {name: module}`, `step(x0, step) -> ({name: loss}, logs)`, and optionally
+`on_step_end(step)` and `validate(x0, generator) -> {"nats", "tokens"}`. The loop owns one AdamW per trained
+module: each loss is back-propagated only into its own module (`backward(inputs=...)`), which is what alternating
+two-player methods (IDLM's fake model, DiDi's discriminator) need, without any method touching optimizers, AMP,
+clipping or checkpoints.
+
+Exact resume: data batches are a pure function of the step (see data.stream), and the checkpoint holds weights,
+EMA, optimizer moments and RNG states; a resumed run reproduces the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from tqdm import tqdm
+
+from fewstep import checkpoint
+from fewstep.config import FewstepError, RunConfig, to_dict
+from fewstep.diffusion.sampling import autocast
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world, device); under torchrun this joins the process group (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, device
+
+
+def total_steps(cfg: RunConfig, unique_tokens: int) -> int:
+    """max_steps, else the steps that show `unique_tokens` to the model `epochs` times."""
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    per_step = cfg.train.batch_size * cfg.model.seq_len
+    return max(1, math.ceil(unique_tokens * cfg.data.epochs / per_step))
+
+
+def lr_at(step: int, total: int, cfg) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def flops_per_token(module: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6N for the weights plus 12 * layers * d * L for attention."""
+    n = sum(p.numel() for n_, p in module.named_parameters() if "embed" not in n_)
+    backbone = getattr(module, "backbone", module)
+    d = backbone.embed.weight.shape[1]
+    return 6 * n + 12 * backbone.n_layers * d * seq_len
+
+
+def _swap(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for p, q in zip(a.parameters(), b.parameters()):
+        p.data, q.data = q.data, p.data
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+class _Logger:
+    """JSONL metrics (plus TensorBoard when it is installed)."""
+
+    def __init__(self, out_dir: Path, resume_step: int):
+        self.path = out_dir / "log.jsonl"
+        if self.path.exists():  # drop lines a crashed run wrote after the checkpoint we resume from
+            keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+        except ImportError:
+            pass
+
+    def log(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+
+
+def evaluate(task, val_data, batch_size: int, max_batches: int, device) -> dict[str, float]:
+    """Validation NLL per token (a NELBO bound for DLMs, exact for AR) with a fixed noise seed."""
+    gen = torch.Generator(device=device).manual_seed(1234)
+    nats = tokens = 0.0
+    for x in val_data.iter_eval(batch_size, max_batches=max_batches):
+        out = task.validate(x.to(device), gen)
+        nats, tokens = nats + out["nats"], tokens + out["tokens"]
+    nll = nats / max(tokens, 1)
+    return {"val_nll": nll, "val_ppl": math.exp(min(nll, 50.0))}
+
+
+def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: torch.device,
+        rank: int = 0, world: int = 1) -> dict:
+    """Train `task` for the configured steps; checkpoints and logs go to cfg.train.out_dir. Returns a summary."""
+    tc = cfg.train
+    out_dir = Path(tc.out_dir)
+    modules = task.trainable()
+    for m in modules.values():
+        m.train()
+    micro = tc.batch_size // (world * tc.grad_accum)
+    if micro * world * tc.grad_accum != tc.batch_size:
+        raise FewstepError(f"train.batch_size={tc.batch_size} must be divisible by world size {world} x "
+                           f"train.grad_accum={tc.grad_accum}")
+    total = total_steps(cfg, train_data.n_tokens if train_data is not None else 0)
+    fused = device.type == "cuda"
+    optims = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas,
+                                   weight_decay=tc.weight_decay, fused=fused) for n, m in modules.items()}
+    emas = {f"{n}_ema": copy.deepcopy(m).requires_grad_(False) for n, m in modules.items()} if tc.ema > 0 else {}
+    specs = dict(meta.get("models", {}))
+    specs.update({e: specs[e[:-4]] for e in emas if e[:-4] in specs})
+    meta = {**meta, "run": to_dict(cfg), "models": specs}
+
+    start = 0
+    ckpt = checkpoint.latest(out_dir)
+    if ckpt is not None:
+        old = checkpoint.read_meta(ckpt)
+        if old.get("models") != specs or old.get("data", {}).get("tokenizer") != meta.get("data", {}).get("tokenizer"):
+            raise FewstepError(f"{out_dir} holds a run with another model or data config: choose a new "
+                               "--train.out_dir or delete the old run")
+        state = checkpoint.load_training_state(ckpt, {**modules, **emas}, optims)
+        start = state["step"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    else:
+        torch.manual_seed(tc.seed + rank)
+    logger = _Logger(out_dir, start) if rank == 0 else None
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(meta["run"], indent=2), encoding="utf-8")
+
+    def save(step: int) -> None:
+        if rank == 0:
+            checkpoint.save(out_dir, step, modules={**modules, **emas}, meta=meta, optimizers=optims,
+                            rng=_rng_state(device), keep_last=tc.keep_last)
+        if world > 1:
+            torch_dist.barrier()
+
+    params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in modules.items()}
+    precision = tc.precision if tc.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    tokens_per_step = tc.batch_size * cfg.model.seq_len
+    first = next(iter(modules.values()))
+    fpt = flops_per_token(first, cfg.model.seq_len) if hasattr(getattr(first, "backbone", first), "embed") else 0
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda"
+                 and k in torch.cuda.get_device_name(device)), None)
+    summary: dict = {"steps": total, "start_step": start, "skipped": 0}
+    bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, desc=out_dir.name)
+    t0, last_logs = time.perf_counter(), {}
+    for step in bar:
+        lr = lr_at(step, total, tc)
+        for opt in optims.values():
+            for g in opt.param_groups:
+                g["lr"] = lr
+        sums: dict[str, torch.Tensor] = {}
+        for k in range(tc.grad_accum):
+            x = (train_data.batch(step * tc.grad_accum + k, micro, rank=rank, world=world, seed=tc.seed).to(device)
+                 if train_data is not None else None)
+            with autocast(device, precision):
+                losses, logs = task.step(x, step)
+            for name, loss in losses.items():
+                (loss / tc.grad_accum).backward(inputs=params[name])
+                sums[name] = sums.get(name, 0.0) + loss.detach() / tc.grad_accum
+            last_logs = logs
+        ok = True
+        norms = {}
+        for name, ps in params.items():
+            if name not in losses:
+                continue
+            if world > 1:
+                for p in ps:
+                    if p.grad is not None:
+                        torch_dist.all_reduce(p.grad, op=torch_dist.ReduceOp.AVG)
+            norms[name] = torch.nn.utils.clip_grad_norm_(ps, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        finite = torch.stack([torch.isfinite(v) for v in [*sums.values(), *norms.values()]]).all()
+        if not bool(finite):
+            ok = False
+            bad = ", ".join(f"{n}={float(v):.4g}" for n, v in sums.items())
+            if tc.nan_policy != "skip":
+                bar.close()
+                good = checkpoint.latest(out_dir)
+                raise FewstepError(f"non-finite loss or gradient at step {step} ({bad}); last good checkpoint: "
+                                   f"{good or 'none'}; lower train.lr or set train.nan_policy=skip")
+            summary["skipped"] += 1
+            if rank == 0:
+                tqdm.write(f"step {step}: non-finite loss ({bad}), step skipped")
+        for name, opt in optims.items():
+            if ok and name in losses:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        if ok and emas:
+            with torch.no_grad():
+                decay = min(tc.ema, (1 + step) / (10 + step))  # warmup: early EMA must not remember the init
+                for n, m in modules.items():
+                    torch._foreach_lerp_(list(emas[f"{n}_ema"].parameters()), list(m.parameters()), 1 - decay)
+        if hasattr(task, "on_step_end"):
+            task.on_step_end(step)
+        done = step + 1
+        if rank == 0 and (done % tc.log_every == 0 or done == total):
+            dt = time.perf_counter() - t0
+            row = {"step": done, "lr": lr, **{f"loss/{n}": float(v) for n, v in sums.items()},
+                   **{f"grad_norm/{n}": float(v) for n, v in norms.items()},
+                   **{k: float(v) for k, v in last_logs.items()},
+                   "tokens_per_s": tokens_per_step * tc.log_every / dt if done % tc.log_every == 0 else None}
+            if peak and fpt and row["tokens_per_s"]:
+                row["mfu"] = row["tokens_per_s"] * fpt / (peak * world)
+            logger.log(row)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items() if k.startswith("loss/")})
+            summary.update(row)
+            t0 = time.perf_counter()
+        if val_data is not None and hasattr(task, "validate") and (done % tc.eval_every == 0 or done == total):
+            if rank == 0:
+                ema = emas.get(f"{next(iter(modules))}_ema")
+                model = next(iter(modules.values()))
+                if ema is not None:
+                    _swap(model, ema)
+                model.eval()
+                with autocast(device, precision):
+                    row = {"step": done, **evaluate(task, val_data, micro, tc.eval_batches, device)}
+                model.train()
+                if ema is not None:
+                    _swap(model, ema)
+                logger.log(row)
+                summary.update(row)
+            t0 = time.perf_counter()
+        if done % tc.ckpt_every == 0 or done == total:
+            save(done)
+            t0 = time.perf_counter()
+    summary["out_dir"] = str(out_dir)
+    return summary

@@ -1,0 +1,30 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers (markov.py)
+
+
+@pytest.fixture(scope="session")
+def pydoc_data(tmp_path_factory):
+    """A byte-level data dir built from Python's own pydoc topics: tiny, offline, always present."""
+    from fewstep.config import DataConfig
+    from fewstep.data import build
+
+    d = tmp_path_factory.mktemp("data") / "pydoc-byte"
+    build(DataConfig(corpus="pydoc", tokenizer="byte", dir=str(d)))
+    return d
+
+
+def tiny_overrides(data_dir, out_dir, **extra) -> list[str]:
+    """CLI-style overrides for a seconds-long CPU run on the pydoc data."""
+    base = {
+        "data.corpus": "pydoc", "data.dir": str(data_dir), "data.unique_tokens": 0, "data.epochs": 1,
+        "model.seq_len": 32, "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
+        "train.out_dir": str(out_dir), "train.batch_size": 8, "train.max_steps": 12, "train.warmup_steps": 2,
+        "train.log_every": 1, "train.eval_every": 6, "train.eval_batches": 2, "train.ckpt_every": 4,
+        "train.ema": 0.9,
+    }
+    base.update(extra)
+    return [f"--{k}={v}" for k, v in base.items()]
