@@ -73,3 +73,36 @@ class OracleDenoiser(nn.Module):
         log_p = torch.full((B, L, V + 1), NEG_INF, dtype=torch.float32)
         log_p[..., :V] = post.clamp_min(1e-300).log().float()
         return log_p
+
+
+def posterior_marginals(chain: MarkovChain, evidence: torch.Tensor) -> torch.Tensor:
+    """p(x^l = v | observations) for per-position likelihoods evidence[b, l, v] = p(obs^l | x^l = v)."""
+    B, L, V = evidence.shape
+    P = chain.P
+    fwd = torch.empty(B, L, V, dtype=torch.float64)
+    bwd = torch.ones(B, L, V, dtype=torch.float64)
+    f = chain.pi * evidence[:, 0]
+    fwd[:, 0] = f / f.sum(-1, keepdim=True)
+    for i in range(1, L):
+        f = (fwd[:, i - 1] @ P) * evidence[:, i]
+        fwd[:, i] = f / f.sum(-1, keepdim=True)
+    for i in range(L - 2, -1, -1):
+        b = (bwd[:, i + 1] * evidence[:, i + 1]) @ P.T
+        bwd[:, i] = b / b.sum(-1, keepdim=True)
+    post = fwd * bwd
+    return post / post.sum(-1, keepdim=True)
+
+
+def exact_uniform_xbar(chain: MarkovChain, z_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The xbar_theta (B, L, N) whose ratios xbar_y / xbar_z are the exact marginal ratios p_t(z^{l->y}) / p_t(z)
+    of the uniform-state process at noise level alpha (B,): the exact reverse rates."""
+    N = chain.V
+    a = alpha.double()[:, None, None]
+    onehot = torch.nn.functional.one_hot(z_t, N).double()  # (B, L, N)
+    evidence = a * onehot + (1 - a) / N  # q(z^l | x^l = v)
+    p = posterior_marginals(chain, evidence)  # (B, L, N)
+    # ratio_y = sum_v p_v xbar(v)_y / xbar(v)_z with xbar(v) = N a e_v + (1 - a)
+    xbar_v = N * a[..., None] * torch.eye(N, dtype=torch.float64) + (1 - a[..., None])  # (B, 1, N, N): [v, y]
+    xbar_vz = (xbar_v * onehot[:, :, None, :]).sum(-1)  # (B, L, N): xbar(v)_z
+    ratio = (p[..., None] * xbar_v / xbar_vz[..., None]).sum(-2)  # (B, L, N)
+    return N * ratio / ratio.sum(-1, keepdim=True)

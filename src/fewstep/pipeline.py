@@ -27,6 +27,7 @@ def pretrain(cfg: RunConfig) -> dict:
     from fewstep.data import TokenBlocks
     from fewstep.diffusion.mdlm import MDLMObjective
     from fewstep.diffusion.schedule import get_schedule
+    from fewstep.diffusion.uniform import UniformObjective
     from fewstep.models import build_model, model_spec
     from fewstep.train import fit, init_distributed
 
@@ -36,6 +37,8 @@ def pretrain(cfg: RunConfig) -> dict:
     model = build_model(cfg.model, dmeta["vocab_size"]).to(device)
     if cfg.model.kind == "mdlm":
         task = MDLMObjective(model, get_schedule(cfg.model.schedule), cfg.train.antithetic)
+    elif cfg.model.kind == "uniform":
+        task = UniformObjective(model, get_schedule(cfg.model.schedule), cfg.train.antithetic)
     else:
         task = ARObjective(model)
     train = TokenBlocks(cfg.data.dir, "train", cfg.model.seq_len, cfg.data.unique_tokens)
@@ -66,7 +69,7 @@ def generate(model, meta: dict, *, n: int, steps: int, length: int | None = None
         if meta["kind"] == "ar":
             x = ar_sample(model, batch=b, length=length, bos_id=meta["data"]["eos_id"], generator=gen,
                           temperature=temperature, top_p=top_p, device=device, precision=precision)
-        elif meta["kind"] == "mdlm":
+        elif meta["kind"] in ("mdlm", "uniform"):
             x = sample(model, get_schedule(spec.get("schedule", "loglinear")), batch=b, length=length,
                        steps=steps, mask_id=model.mask_id, greedy_tail=greedy_tail, temperature=temperature,
                        top_p=top_p, generator=gen, device=device, precision=precision)

@@ -7,6 +7,9 @@ silently lowers the effective temperature, which lowers entropy and flatters gen
 Ancestral MDLM step from t to s < t (Sahoo et al. 2024, Eq. 7): a masked position stays masked with probability
 (1 - alpha_s)/(1 - alpha_t) and is otherwise unmasked to v with probability (alpha_s - alpha_t)/(1 - alpha_t) *
 p_theta(x0 = v | x_t); unmasked positions never change. At s = 0 nothing stays masked.
+
+Uniform-state models (mask_id=None) start from uniform noise and draw every position from the posterior
+q(z_s | z_t, x_theta) of diffusion/uniform.py (UDLM/Duo ancestral sampler).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from fewstep.diffusion.uniform import posterior_probs
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -52,7 +57,7 @@ def sample(
     batch: int,
     length: int,
     steps: int,
-    mask_id: int,
+    mask_id: int | None,
     greedy_tail: bool = False,
     cache: bool | None = None,
     temperature: float = 1.0,
@@ -78,8 +83,13 @@ def sample(
         raise ValueError(f"times must have steps + 1 = {steps + 1} points, got {len(times)}")
     if cache is None:
         cache = not getattr(model, "time_conditioned", True)
-    x = x_init.clone() if x_init is not None else torch.full((batch, length), mask_id, dtype=torch.long)
-    x = x.to(device)
+    if x_init is not None:
+        x = x_init.clone().to(device)
+    elif mask_id is None:  # uniform-state prior
+        n_vocab = model.backbone.vocab_size
+        x = torch.randint(0, n_vocab, (batch, length), device=device, generator=generator)
+    else:
+        x = torch.full((batch, length), mask_id, dtype=torch.long, device=device)
     trajectory = [x.clone()] if return_trajectory else None
     log_p, changed = None, True
     for k in range(steps):
@@ -87,12 +97,18 @@ def sample(
         if log_p is None or changed or not cache:
             with autocast(device, precision):
                 log_p = model(x, torch.full((x.shape[0],), t, device=device))  # (B, L, V)
+        a_t, a_s = _alpha(schedule, t), _alpha(schedule, s)
+        if mask_id is None:
+            x = log_p.argmax(-1) if k == steps - 1 and greedy_tail else sample_categorical(
+                posterior_probs(filter_probs(log_p, temperature, top_p), x, a_s if s > 0 else 1.0, a_t), generator)
+            if trajectory is not None:
+                trajectory.append(x.clone())
+            continue
         masked = x == mask_id  # (B, L)
         if k == steps - 1 and greedy_tail:
             x0 = log_p.argmax(-1)
         else:
             p = filter_probs(log_p, temperature, top_p)  # (B, L, V) float64
-            a_t, a_s = _alpha(schedule, t), _alpha(schedule, s)
             q = p * ((a_s - a_t) / (1 - a_t))
             q[..., mask_id] = 0.0 if s <= 0 else (1 - a_s) / (1 - a_t)  # at s = 0 nothing stays masked
             x0 = sample_categorical(q, generator)

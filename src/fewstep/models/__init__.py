@@ -8,13 +8,14 @@ import torch.nn as nn
 
 from fewstep.models.transformer import Transformer
 
-KINDS = ("mdlm", "ar")
+KINDS = ("mdlm", "uniform", "ar")
 
 
 def build_model(cfg, vocab_size: int) -> nn.Module:
-    """A masked denoiser (vocab + 1 mask token, bidirectional) or a causal LM, from a ModelConfig."""
+    """A masked denoiser (vocab + 1 mask token), a uniform-state denoiser (always time-conditioned) or a causal LM."""
     from fewstep.config import FewstepError
     from fewstep.diffusion.mdlm import MaskedDenoiser
+    from fewstep.diffusion.uniform import UniformDenoiser
 
     if cfg.kind not in KINDS:
         raise FewstepError(f"unknown model.kind '{cfg.kind}' (known: {', '.join(KINDS)})")
@@ -22,8 +23,10 @@ def build_model(cfg, vocab_size: int) -> nn.Module:
     n_vocab = vocab_size + (1 if cfg.kind == "mdlm" else 0)
     backbone = Transformer(
         n_vocab, cfg.seq_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.mlp_ratio,
-        causal=causal, time_cond=cfg.time_cond and not causal, dropout=cfg.dropout,
+        causal=causal, time_cond=(cfg.time_cond or cfg.kind == "uniform") and not causal, dropout=cfg.dropout,
     )
+    if cfg.kind == "uniform":
+        return UniformDenoiser(backbone)
     if cfg.kind == "mdlm":
         return MaskedDenoiser(backbone, mask_id=vocab_size)
     return backbone
