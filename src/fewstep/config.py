@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.0  # 0 disables the EMA copy
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp32"
-    compile: bool = False
+    compile: bool = False  # torch.compile every trained module (pays off on GPU for long runs)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200
@@ -69,6 +70,7 @@ class TrainConfig:
     keep_last: int = 2
     antithetic: bool = True
     nan_policy: str = "stop"  # "stop" (keep last good checkpoint) or "skip" (drop the step and report)
+    deterministic: bool = False  # torch.use_deterministic_algorithms + every RNG seeded (see docs/reliability.md)
 
 
 @dataclass
@@ -82,6 +84,8 @@ class RunConfig:
 def _coerce(value, typ, where: str):
     """Convert a TOML value or override string to the field's declared type."""
     origin = typing.get_origin(typ)
+    if typ in (int, float) and isinstance(value, bool):  # TOML true is not a number
+        raise FewstepError(f"{where}: expected {typ.__name__}, got {value!r}")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -91,23 +95,44 @@ def _coerce(value, typ, where: str):
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("()[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise FewstepError(f"{where}: expected a list of {len(typing.get_args(typ))} values, got {value!r}")
         args = typing.get_args(typ)
         if len(value) != len(args):
             raise FewstepError(f"{where}: expected {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
     if typ in (int, float):
-        try:
-            out = typ(value) if not isinstance(value, str) else typ(float(value) if typ is float else value)
-        except (TypeError, ValueError):
-            raise FewstepError(f"{where}: expected {typ.__name__}, got {value!r}") from None
-        return out
+        num = _number(value, typ)
+        if num is None:
+            raise FewstepError(f"{where}: expected {typ.__name__}, got {value!r}")
+        return num
     if typ is str:
+        if isinstance(value, (dict, list, tuple, bool)) or value is None:
+            raise FewstepError(f"{where}: expected a string, got {value!r}")
         return str(value)
     if typ is dict:
         if not isinstance(value, dict):
             raise FewstepError(f"{where}: expected a table")
         return dict(value)
     return value
+
+
+def _number(value, typ):
+    """int or finite float from a TOML value or an override string; None if it is not one."""
+    if typ is int and isinstance(value, int):
+        return value
+    try:
+        if typ is int and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:  # "1e6" or "2.0": an integral number written as a float
+                pass
+        num = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not math.isfinite(num):
+        return None
+    return num if typ is float else (int(num) if num == int(num) else None)
 
 
 def _fill(obj, table: dict, section: str) -> None:
@@ -123,6 +148,8 @@ def from_dict(table: dict) -> RunConfig:
     cfg = RunConfig()
     for section, value in table.items():
         if section == "method":
+            if not isinstance(value, dict):
+                raise FewstepError("config section 'method' must be a table")
             cfg.method = dict(value)
         elif section in ("data", "model", "train"):
             if not isinstance(value, dict):
@@ -152,10 +179,13 @@ def load(preset: str | None, overrides: list[str] = ()) -> RunConfig:
         path = resolve_preset(preset)
         try:
             table = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise FewstepError(f"cannot parse config {path}: {e}") from None
+        except OSError as e:
+            raise FewstepError(f"cannot read config {path}: {e.strerror or e}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # TOMLDecodeError is a ValueError
+            raise FewstepError(f"cannot parse config {path}: {str(e) or type(e).__name__}") from None
     cfg = from_dict(table)
     apply_overrides(cfg, overrides)
+    check(cfg)
     return cfg
 
 
@@ -177,7 +207,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> None:
 def _parse_scalar(value: str):
     try:
         return tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError, KeyError):  # not a TOML scalar (TOMLDecodeError is a ValueError)
         return value
 
 
@@ -190,3 +220,42 @@ def section_from_dict(cls, table: dict, section: str):
     obj = cls()
     _fill(obj, table, section)
     return obj
+
+
+def _require(ok: bool, where: str, value, rule: str) -> None:
+    if not ok:
+        raise FewstepError(f"{where}={value!r} is invalid: {rule}")
+
+
+def check_model(m: ModelConfig, where: str = "model") -> None:
+    """Value checks a model needs to be built at all (types are checked when the config is read)."""
+    for key in ("seq_len", "d_model", "n_heads", "mlp_ratio"):
+        _require(getattr(m, key) >= 1, f"{where}.{key}", getattr(m, key), "must be >= 1")
+    _require(m.n_layers >= 0, f"{where}.n_layers", m.n_layers, "must be >= 0")
+    _require(m.vocab_size >= 0, f"{where}.vocab_size", m.vocab_size, "must be >= 0")
+    _require(0 <= m.dropout < 1, f"{where}.dropout", m.dropout, "must be in [0, 1)")
+    _require(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0, f"{where}.d_model", m.d_model,
+             f"must split into model.n_heads={m.n_heads} heads of even size (RoPE)")
+
+
+def check(cfg: RunConfig) -> None:
+    """Reject values that would crash or silently misbehave later, with the key and the rule in one line."""
+    d, t = cfg.data, cfg.train
+    for key, value in (("data.dir", d.dir), ("data.corpus", d.corpus), ("data.tokenizer", d.tokenizer)):
+        _require(bool(value.strip()) and "\0" not in value, key, value, "must be non-empty, without NUL")
+    _require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
+    _require(d.unique_tokens >= 0, "data.unique_tokens", d.unique_tokens, "must be >= 0 (0 = all)")
+    _require(d.epochs > 0, "data.epochs", d.epochs, "must be > 0")
+    check_model(cfg.model)
+    for key in ("batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every"):
+        _require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
+    for key in ("lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "eval_batches", "keep_last"):
+        _require(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "must be >= 0")
+    _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    _require(all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "both must be in [0, 1)")
+    _require(0 <= t.ema < 1, "train.ema", t.ema, "must be in [0, 1) (0 disables the EMA)")
+    _require(0 <= t.seed < 2**63, "train.seed", t.seed, "must be in [0, 2**63)")
+    _require(t.precision in ("auto", "bf16", "fp32"), "train.precision", t.precision, "use auto, bf16 or fp32")
+    _require(t.nan_policy in ("stop", "skip"), "train.nan_policy", t.nan_policy, "use stop or skip")
+    _require(bool(t.out_dir.strip()) and "\0" not in t.out_dir, "train.out_dir", t.out_dir,
+             "must be non-empty, without NUL")

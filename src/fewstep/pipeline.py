@@ -49,6 +49,21 @@ def pretrain(cfg: RunConfig) -> dict:
     return summary
 
 
+def _check_sampling(*, n, steps, length, batch, seed, temperature, top_p) -> None:
+    """One clear line for sampling arguments that would otherwise fail deep inside a sampler."""
+    import math
+
+    rules = [(n >= 1, "n", n, ">= 1"), (steps >= 1, "steps", steps, ">= 1"),
+             (length is None or length >= 1, "length", length, ">= 1"),
+             (batch is None or batch >= 1, "batch", batch, ">= 1"),
+             (-(2**63) <= seed < 2**64, "seed", seed, "in [-2**63, 2**64)"),
+             (math.isfinite(temperature) and temperature > 0, "temperature", temperature, "finite and > 0"),
+             (0 < top_p <= 1, "top_p", top_p, "in (0, 1]")]
+    for ok, name, value, rule in rules:
+        if not ok:
+            raise FewstepError(f"sampling argument {name}={value!r} is invalid: must be {rule}")
+
+
 @torch.no_grad()
 def generate(model, meta: dict, *, n: int, steps: int, length: int | None = None, batch: int | None = None,
              seed: int = 0, greedy_tail: bool = False, temperature: float = 1.0, top_p: float = 1.0,
@@ -58,6 +73,7 @@ def generate(model, meta: dict, *, n: int, steps: int, length: int | None = None
     from fewstep.diffusion.sampling import sample
     from fewstep.diffusion.schedule import get_schedule
 
+    _check_sampling(n=n, steps=steps, length=length, batch=batch, seed=seed, temperature=temperature, top_p=top_p)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     spec = meta["model"]
     length = length or spec["seq_len"]

@@ -109,7 +109,7 @@ def plot(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")  # files only, no display; must precede pyplot
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def plot(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
             ax.axhline(1.0, linestyle=":", linewidth=1, color="black")
         if logx:  # steps and lengths are powers of two: base-2 ticks, printed as plain numbers
             ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 2, 4, not 1.0
         ax.set_yscale("log" if logy else "linear")
         ax.set_xlabel(xk)
         ax.set_ylabel(yk)

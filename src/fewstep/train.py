@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import os
+import random
 import time
 from pathlib import Path
 
@@ -72,11 +73,39 @@ def _swap(a: torch.nn.Module, b: torch.nn.Module) -> None:
         p.data, q.data = q.data, p.data
 
 
+def set_deterministic(seed: int | None = None) -> None:
+    """Deterministic mode: deterministic kernels and every RNG seeded, so the same seed gives the same losses and
+    samples. Bit-exact on CPU for the same thread count; on CUDA ops without a deterministic kernel warn."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS GEMMs are reproducible only with it
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    if seed is not None:
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+
+def _finite_weights(modules: dict[str, torch.nn.Module]) -> list[str]:
+    """Names of modules holding a non-finite parameter (a step that overflowed the weights themselves)."""
+    return [n for n, m in modules.items() if not all(bool(torch.isfinite(p).all()) for p in m.parameters())]
+
+
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
     return rng
+
+
+def _row(line: str) -> dict | None:
+    """One log line, or None for a blank or torn line (a SIGKILL in the middle of a write)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 class _Logger:
@@ -85,9 +114,11 @@ class _Logger:
     def __init__(self, out_dir: Path, resume_step: int):
         self.path = out_dir / "log.jsonl"
         if self.path.exists():  # drop lines a crashed run wrote after the checkpoint we resume from
-            keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+            keep = [ln for ln in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+                    if (row := _row(ln)) is not None and row.get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")  # atomic: a kill while rewriting loses no line
+            tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+            os.replace(tmp, self.path)
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -121,13 +152,19 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
     """Train `task` for the configured steps; checkpoints and logs go to cfg.train.out_dir. Returns a summary."""
     tc = cfg.train
     out_dir = Path(tc.out_dir)
+    if tc.deterministic:
+        set_deterministic(tc.seed + rank)
     modules = task.trainable()
     for m in modules.values():
         m.train()
+        if tc.compile:  # compiles forward in place; the state dict keeps its keys, so checkpoints are unchanged
+            m.compile()
     micro = tc.batch_size // (world * tc.grad_accum)
     if micro * world * tc.grad_accum != tc.batch_size:
         raise FewstepError(f"train.batch_size={tc.batch_size} must be divisible by world size {world} x "
                            f"train.grad_accum={tc.grad_accum}")
+    if train_data is None and tc.max_steps <= 0:  # no token budget to derive the step count from
+        raise FewstepError("a data-free run needs train.max_steps > 0")
     total = total_steps(cfg, train_data.n_tokens if train_data is not None else 0)
     fused = device.type == "cuda"
     optims = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas,
@@ -157,6 +194,10 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
         (out_dir / "config.json").write_text(json.dumps(meta["run"], indent=2), encoding="utf-8")
 
     def save(step: int) -> None:
+        bad = _finite_weights({**modules, **emas})  # every rank holds the same weights: all raise together
+        if bad:
+            raise FewstepError(f"non-finite weights in {', '.join(bad)} after step {step}: not saved; last good "
+                               f"checkpoint: {checkpoint.latest(out_dir) or 'none'}; lower train.lr")
         if rank == 0:
             checkpoint.save(out_dir, step, modules={**modules, **emas}, meta=meta, optimizers=optims,
                             rng=_rng_state(device), keep_last=tc.keep_last)

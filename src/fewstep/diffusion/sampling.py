@@ -68,13 +68,16 @@ def sample(
     device: torch.device | str | None = None,
     precision: str = "fp32",
     return_trajectory: bool = False,
+    on_step=None,
 ):
     """Ancestral sampling of a masked denoiser `model(x_t, t) -> log p(x0 | x_t)` from the all-mask state.
 
     times: a decreasing grid from 1 to 0 with steps + 1 points (default uniform). greedy_tail: argmax instead of a
     draw at the last step (Duo's greedy tail / MDLM's noise removal; lowers entropy, report it). cache: reuse the
     last prediction when no token changed and the model is not time-conditioned (MDLM's ddpm_cache); None picks
-    it automatically. Returns x0 (B, L), or (x0, trajectory) with trajectory a list of steps + 1 states.
+    it automatically. on_step: called as on_step(k, t, s, x_t, log_p, x_s) after every step with the model's
+    log p(x0 | x_t) (B, L, V) that drove it (distillation targets read the teacher's predictions from it).
+    Returns x0 (B, L), or (x0, trajectory) with trajectory a list of steps + 1 states.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if times is None:
@@ -114,10 +117,22 @@ def sample(
             x0 = sample_categorical(q, generator)
         x_new = torch.where(masked, x0, x)  # unmasked tokens never change
         changed = bool((x_new != x).any()) if cache else True
+        if on_step is not None:
+            on_step(k, t, s, x, log_p, x_new)
         x = x_new
         if trajectory is not None:
             trajectory.append(x.clone())
     return (x, trajectory) if return_trajectory else x
+
+
+def time_grid(steps: int, t_start: float = 1.0, t_end: float = 0.0) -> torch.Tensor:
+    """Uniform decreasing grid t_start = t_0 > ... > t_steps = t_end (float64, steps + 1 points) for `times`.
+
+    Any sub-interval of the sampling path is a valid grid, so a few-step student's large jump t_k -> t_{k+1} and
+    a teacher's finer steps over the same interval (DDIM-like: the same path, fewer and larger steps) both come
+    from here; `time_grid(steps)` is sample()'s default grid.
+    """
+    return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
 
 
 def _alpha(schedule, t: float) -> float:

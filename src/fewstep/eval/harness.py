@@ -62,3 +62,42 @@ def sample_eval(
         row.update(gen_ppl=g["gen_ppl"], judge=g["judge"], judge_tokens=g["n_tokens"])
     row["example"] = texts[0][:160]
     return row
+
+
+def evaluate_checkpoint(ckpt, *, steps=(1, 4, 16, 64), n: int = 64, batch: int | None = None,
+                        judge: str | None = "smollm2", greedy_tail: bool = False, val_batches: int = 16,
+                        val_mc: int = 4, tasks=(), task_n: int = 200, task_mc: int = 32, seed: int = 0,
+                        precision: str = "fp32", device=None, data_dir: str | None = None,
+                        name: str | None = None, log=print) -> list[dict]:
+    """`fewstep eval`: validation PPL, then one `sample_eval` row per step count (one row for AR), then tasks.
+
+    Every row carries the validation numbers (val_ppl, val_bound, val_mc, val_tokens) and its own settings.
+    """
+    from fewstep.checkpoint import load_model
+    from fewstep.data import get_tokenizer
+    from fewstep.eval.judge import load_judge
+    from fewstep.eval.likelihood import val_ppl
+    from fewstep.eval.tasks import run_task
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = precision if device.type == "cuda" else "fp32"  # bf16 autocast is CUDA-only: record what ran
+    model, meta = load_model(ckpt, device)
+    tok = get_tokenizer(meta["data"]["tokenizer"])
+    name = name or f"{meta['kind']}:{meta['ckpt']}"
+    j = None if judge in (None, "", "none") else load_judge(judge, device)
+    val = {}
+    if val_batches > 0:
+        val = val_ppl(model, meta, data_dir, max_batches=val_batches, mc=val_mc, device=device, precision=precision)
+        log(f"val_ppl {val['val_ppl']:.3f} ({'NELBO bound' if val['val_bound'] else 'exact'}, "
+            f"{val['val_tokens']:,} tokens)")
+    rows = []
+    for k in [1] if meta["kind"] == "ar" else steps:  # AR: one row; its steps are its length
+        row = sample_eval(model, meta, steps=k, n=n, tokenizer=tok, judge=j, batch=batch, seed=seed,
+                          greedy_tail=greedy_tail, precision=precision, device=device, name=name)
+        rows.append({**row, **val})
+        log(f"steps {row['steps']}: gen_ppl {row.get('gen_ppl')} entropy {row['entropy']:.3f}")
+    for spec in tasks:
+        row = run_task(spec, model, meta, tok, n=task_n, mc=task_mc, seed=seed, data_dir=data_dir, device=device)
+        rows.append({"name": name, "ckpt": meta["ckpt"], **row})
+        log(f"task {row['task']}: acc {row['acc']:.3f} ({row['n_items']} items)")
+    return rows

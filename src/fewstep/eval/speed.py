@@ -1,10 +1,14 @@
-"""Wall-clock timing: CUDA-synchronised, warm-up excluded, median of repeats."""
+"""Wall-clock timing (CUDA-synchronised, warm-up excluded, median of repeats) and the provenance that goes with
+a timing: the device and the git commit it was measured at."""
 
 from __future__ import annotations
 
+import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -26,3 +30,23 @@ def timed(fn: Callable[[], object], *, device="cpu", warmup: int = 1, repeats: i
         _sync(device)
         times.append(time.perf_counter() - t0)
     return out, statistics.median(times), times
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def git_sha() -> str:
+    """Short commit of the working tree, with "+dirty" when it has uncommitted changes; "unknown" outside git."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -1,0 +1,17 @@
+"""Distillation of a masked diffusion teacher into few-step students: one file per method, one line here.
+
+A method has a `Config` dataclass (filled from the `[method]` table of a run config), is built as
+`Method(config, setup)` (see common.Setup), and exposes `trainable() -> {name: module}`,
+`step(batch, step) -> ({name: loss}, logs)` (batch is None when `data_free`), and optionally `on_step_end(step)`,
+`validate(x0, generator)`, `planned_steps()` and `restore(start_step)`. `fewstep distill` (run.py) does the rest.
+"""
+
+from fewstep.distill.boot import BOOT
+from fewstep.distill.sdtt import SDTT
+
+METHODS = {
+    "sdtt": SDTT,  # self-distillation through time: the baseline (Deschenaux & Gulcehre 2025)
+    "boot": BOOT,  # BOOT-style data-free bootstrapping, collapsed to one step (Gu et al. 2023, adapted)
+}
+
+__all__ = ["METHODS"]

@@ -1,0 +1,180 @@
+"""`fewstep distill`: load a teacher, build the student, run the one training loop, checkpoint the student.
+
+The `[method]` table of the config selects the method (`name`) and holds its settings; two keys are shared by
+every method: `teacher` (a checkpoint: run dir or step dir) and `init` ("teacher": start from the teacher's
+weights, "scratch", or another checkpoint of the same shape, e.g. a previous student). The student's model config
+is the teacher's (plus time conditioning when the method asks for it), and the tokenizer and data dir come from
+the teacher's checkpoint, so a distill config has no [model] or [data] table. Checkpoints hold "student" (and
+"student_ema"), which `load_model` picks, so `fewstep sample/eval/bench --ckpt` work on students unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fewstep import checkpoint
+from fewstep.config import DataConfig, FewstepError, ModelConfig, RunConfig, section_from_dict
+
+ADALN = ("ada", "t_mlp")  # parameter names that only a time-conditioned model has (zero-initialised)
+SHAPE_KEYS = ("kind", "seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio", "vocab_size")
+
+
+@dataclass
+class Common:
+    teacher: str = "runs/tiny_mdlm"
+    init: str = "teacher"  # "teacher" | "scratch" | a checkpoint path
+
+
+def get_method(name):
+    from fewstep.distill import METHODS
+
+    if name not in METHODS:
+        raise FewstepError(f"unknown distillation method {name!r}: set method.name to one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def parse_method(table: dict):
+    """(Method class, its Config, Common) from the [method] table; unknown keys are errors."""
+    table = dict(table)
+    Method = get_method(table.pop("name", None))
+    common_keys = {f.name for f in dataclasses.fields(Common)}
+    common = section_from_dict(Common, {k: table.pop(k) for k in list(table) if k in common_keys}, "method")
+    try:
+        mcfg = section_from_dict(Method.Config, table, "method")
+    except FewstepError as e:
+        raise FewstepError(f"{e}; shared keys: {', '.join(sorted(common_keys))}") from None
+    return Method, mcfg, common
+
+
+def load_teacher(path: str, device) -> tuple[torch.nn.Module, dict]:
+    """The frozen teacher (eval mode, no gradients) and its checkpoint meta."""
+    if not Path(path).exists():
+        raise FewstepError(f"teacher checkpoint {path} does not exist: train one first (fewstep train --config "
+                           "tiny_mdlm) or set method.teacher")
+    teacher, meta = checkpoint.load_model(path, device)
+    if meta["kind"] != "mdlm":
+        raise FewstepError(f"teacher {path} is a {meta['kind']!r} model; these methods distill masked diffusion "
+                           "LMs (kind 'mdlm')")
+    return teacher.requires_grad_(False).eval(), meta
+
+
+def _spec_config(spec: dict, **changes) -> ModelConfig:
+    spec = {k: v for k, v in spec.items() if k != "vocab_size"}
+    return dataclasses.replace(section_from_dict(ModelConfig, spec, "model"), **changes)
+
+
+def _copy_weights(student: torch.nn.Module, source: torch.nn.Module, what: str) -> None:
+    """Load `source` into `student`; only the student's own zero-initialised adaLN tensors may be missing."""
+    own, src = student.state_dict(), source.state_dict()
+    for k, v in src.items():
+        if k in own and own[k].shape != v.shape:
+            raise FewstepError(f"{what}: tensor '{k}' has shape {tuple(v.shape)} but the student expects "
+                               f"{tuple(own[k].shape)} (different vocabulary or model size)")
+    extra = [k for k in src if k not in own and not any(a in k for a in ADALN)]
+    missing = [k for k in own if k not in src and not any(a in k for a in ADALN)]
+    if extra or missing:
+        raise FewstepError(f"{what} does not match the student: missing {missing[:3]}, unexpected {extra[:3]}")
+    student.load_state_dict({k: v for k, v in src.items() if k in own}, strict=False)
+
+
+def build_student(common: Common, teacher, tspec: dict, time_cond: bool, device, seed: int):
+    """(student, its ModelConfig): the teacher's architecture, initialised as `common.init` says."""
+    from fewstep.models import build_model
+
+    scfg = _spec_config(tspec, time_cond=time_cond)
+    torch.manual_seed(seed)  # same initial adaLN / scratch weights on every rank and every rerun
+    student = build_model(scfg, tspec["vocab_size"]).to(device)
+    if common.init == "scratch":
+        return student, scfg
+    if common.init == "teacher":
+        source, what = teacher, f"teacher {common.teacher}"
+    else:
+        if not Path(common.init).exists():
+            raise FewstepError(f"student init checkpoint {common.init} does not exist")
+        source, smeta = checkpoint.load_model(common.init, device)
+        bad = [k for k in SHAPE_KEYS if smeta["model"].get(k) != tspec.get(k)]
+        if bad:
+            k = bad[0]
+            raise FewstepError(f"student init {common.init} does not match the teacher: {k} "
+                               f"{smeta['model'].get(k)} vs {tspec.get(k)}")
+        what = f"student init {common.init}"
+    _copy_weights(student, source, what)
+    return student, scfg
+
+
+def _data_dir(cfg: RunConfig, tmeta: dict) -> str:
+    """The teacher's data dir, unless data.dir names another one with the same tokenizer."""
+    tdata = tmeta["data"]
+    if cfg.data.dir == DataConfig().dir or cfg.data.dir == tdata.get("dir"):
+        return tdata["dir"]
+    from fewstep.data import load_meta
+
+    tok = load_meta(cfg.data.dir).get("tokenizer")
+    if tok != tdata.get("tokenizer"):
+        raise FewstepError(f"data.dir {cfg.data.dir} uses tokenizer {tok!r} but the teacher uses "
+                           f"{tdata.get('tokenizer')!r}")
+    return cfg.data.dir
+
+
+def prepare(cfg: RunConfig, device, rank: int = 0, world: int = 1) -> dict:
+    """Everything `fit` needs for a distillation run: {"cfg", "method", "train", "val", "meta", "teacher"}.
+
+    The returned cfg is a copy of `cfg` with the student's model config, the teacher's data dir and tokenizer,
+    and max_steps filled in (so the run's recorded config says what actually ran).
+    """
+    from fewstep.diffusion.schedule import get_schedule
+    from fewstep.distill.common import Setup
+    from fewstep.models import model_spec
+
+    cfg = copy.deepcopy(cfg)
+    Method, mcfg, common = parse_method(cfg.method)
+    if cfg.model != ModelConfig():
+        raise FewstepError("the student's model comes from the teacher checkpoint: remove [model] settings from "
+                           "a distill config")
+    teacher, tmeta = load_teacher(common.teacher, device)
+    tspec = tmeta["model"]
+    student, scfg = build_student(common, teacher, tspec, getattr(mcfg, "time_cond", False), device, cfg.train.seed)
+    cfg.model = scfg
+    tc = cfg.train
+    micro = tc.batch_size // (world * tc.grad_accum)
+    setup = Setup(teacher=teacher, student=student, schedule=get_schedule(scfg.schedule), mask_id=student.mask_id,
+                  batch=micro, seq_len=scfg.seq_len, device=torch.device(device), out_dir=Path(tc.out_dir),
+                  rank=rank)
+    method = Method(mcfg, setup)
+    if tc.max_steps <= 0 and hasattr(method, "planned_steps"):
+        tc.max_steps = method.planned_steps()  # all rounds, rather than a data budget
+    train = val = None
+    if not getattr(Method, "data_free", False):
+        from fewstep.data import TokenBlocks
+
+        cfg.data.dir = _data_dir(cfg, tmeta)
+        train = TokenBlocks(cfg.data.dir, "train", scfg.seq_len, cfg.data.unique_tokens)
+        val = TokenBlocks(cfg.data.dir, "val", scfg.seq_len)
+    cfg.data.tokenizer = tmeta["data"].get("tokenizer", cfg.data.tokenizer)
+    name = cfg.method.get("name")
+    meta = {"models": {"student": model_spec(scfg, tspec["vocab_size"])}, "data": tmeta["data"],
+            "distill": {"method": name, "teacher": tmeta["ckpt"], "teacher_name": tmeta["name"],
+                        "init": common.init, "config": dataclasses.asdict(mcfg), "data_free": train is None}}
+    return {"cfg": cfg, "method": method, "train": train, "val": val, "meta": meta, "teacher": teacher}
+
+
+def distill(cfg: RunConfig) -> dict:
+    """Run a distillation from a config (see module doc); returns the training summary."""
+    from fewstep.train import fit, init_distributed
+
+    rank, world, device = init_distributed()
+    run = prepare(cfg, device, rank, world)
+    cfg = run["cfg"]
+    ckpt = checkpoint.latest(cfg.train.out_dir)
+    if ckpt is not None and hasattr(run["method"], "restore"):
+        run["method"].restore(int(checkpoint.read_meta(ckpt)["step"]))
+    summary = fit(run["method"], cfg, train_data=run["train"], val_data=run["val"], meta=run["meta"],
+                  device=device, rank=rank, world=world)
+    summary.update(method=cfg.method.get("name"), teacher=run["meta"]["distill"]["teacher"],
+                   data_free=run["train"] is None)
+    return summary

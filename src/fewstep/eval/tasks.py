@@ -1,0 +1,229 @@
+"""Zero-shot tasks scored by likelihood: multiple choice (HellaSwag / MMLU format) and last-word cloze (LAMBADA).
+
+Multiple choice: pick the ending with the highest log p(ending | context); `acc` compares sums, `acc_norm`
+compares sums divided by the ending's length in characters (lm-evaluation-harness's acc_norm uses bytes).
+Cloze: LAMBADA's two numbers, `acc` (greedy decoding reproduces the target word) and `ppl` (perplexity of the
+target tokens). For a DLM, log p is the NELBO lower bound with the context never masked (eval/likelihood.py),
+estimated with `mc` time samples, the endings of one item sharing their noise; for AR it is exact.
+
+Offline, items are built from held-out documents of our own corpus (the 'val' split, never trained on):
+  cloze   the last word of a held-out paragraph (trailing punctuation dropped), the rest as context;
+  mc      the last sentence of a held-out paragraph against last sentences of other held-out paragraphs of
+          similar length (so length alone does not give the answer away).
+Real sets load from JSONL files or, with `pip install datasets`, from the hub: `hellaswag` rows
+{ctx, endings, label}, MMLU rows {question, choices, answer}, LAMBADA rows {text}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewstep.config import FewstepError
+
+
+@dataclass
+class MCItem:
+    context: str
+    endings: list[str]  # each starts with its separating space, as in lm-evaluation-harness
+    label: int
+
+
+@dataclass
+class ClozeItem:
+    context: str
+    target: str  # the last word with its leading space
+
+
+def heldout_documents(data_dir: str, tokenizer, max_docs: int | None = None) -> list[str]:
+    """Documents of the held-out split: val.bin decoded and cut at EOS (the builder ends each with EOS)."""
+    from fewstep.data import load_meta
+
+    meta = load_meta(data_dir)
+    ids = np.fromfile(Path(data_dir).expanduser() / "val.bin", dtype=np.dtype(meta["dtype"]))
+    ends = np.flatnonzero(ids == meta["eos_id"])
+    docs, start = [], 0
+    for end in ends.tolist():
+        text = tokenizer.decode(ids[start:end].tolist()).strip()
+        start = end + 1
+        if text:
+            docs.append(text)
+        if max_docs and len(docs) >= max_docs:
+            break
+    return docs
+
+
+_WORD = re.compile(r"^(.*\S)\s+([A-Za-z][A-Za-z'-]+)[.!?,;:\"')\]]*$", re.S)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def cloze_from_documents(docs: list[str], n: int, *, seed: int = 0, min_context: int = 64) -> list[ClozeItem]:
+    """LAMBADA-style items from paragraphs: the final word (3+ letters) is the target."""
+    items = []
+    for doc in docs:
+        m = _WORD.match(doc.strip())
+        if m and len(m.group(2)) >= 3 and len(m.group(1)) >= min_context:
+            items.append(ClozeItem(m.group(1), " " + m.group(2)))
+    random.Random(seed).shuffle(items)
+    return items[:n]
+
+
+def mc_from_documents(docs: list[str], n: int, *, n_endings: int = 4, seed: int = 0, min_context: int = 64,
+                      pool: int = 32, ending_ok=None) -> list[MCItem]:
+    """HellaSwag-style items: the true last sentence and n_endings - 1 last sentences of other paragraphs.
+
+    ending_ok: optional predicate on an ending (e.g. "fits the model's length in tokens").
+    """
+    split = []
+    for doc in docs:
+        parts = _SENTENCE.split(doc.strip())
+        if len(parts) >= 2 and len(parts[-1]) >= 20 and (ending_ok is None or ending_ok(" " + parts[-1])):
+            ctx = " ".join(parts[:-1])
+            if len(ctx) >= min_context:
+                split.append((ctx, " " + parts[-1]))
+    if len(split) < n_endings:
+        raise FewstepError(f"only {len(split)} usable held-out paragraphs for {n_endings}-way multiple choice")
+    rng = random.Random(seed)
+    order = list(range(len(split)))
+    rng.shuffle(order)
+    items = []
+    for i in order[:n]:
+        ctx, true = split[i]
+        others = rng.sample([j for j in range(len(split)) if j != i], min(pool, len(split) - 1))
+        others.sort(key=lambda j: abs(len(split[j][1]) - len(true)))  # similar length: no length give-away
+        endings = [true] + [split[j][1] for j in others[: n_endings - 1]]
+        rng.shuffle(endings)
+        items.append(MCItem(ctx, endings, endings.index(true)))
+    return items
+
+
+def _rows(source: str, n: int | None) -> list[dict]:
+    """JSON lines from a file, or `hf:<dataset>[:config][@split]` through `datasets` (when installed)."""
+    if source.startswith("hf:"):
+        try:
+            import datasets
+        except ImportError as e:
+            raise FewstepError("hf: task sources need `pip install datasets` and a reachable hub") from e
+        name, _, split = source[3:].partition("@")
+        name, _, config = name.partition(":")
+        ds = datasets.load_dataset(name, config or None, split=split or "validation")
+        return [dict(ds[i]) for i in range(min(n or len(ds), len(ds)))]
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FewstepError(f"task file {source!r} does not exist")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return rows[:n] if n else rows
+
+
+def load_multiple_choice(source: str, n: int | None = None) -> list[MCItem]:
+    """HellaSwag rows {ctx, endings, label} or MMLU rows {question, choices, answer} from JSONL or `hf:`."""
+    items = []
+    for r in _rows(source, n):
+        if "endings" in r:
+            ctx = r.get("ctx") or (r.get("ctx_a", "") + " " + r.get("ctx_b", "")).strip()
+            endings, label = r["endings"], r["label"]
+        elif "choices" in r:
+            ctx, endings, label = f"{r['question'].strip()}\nAnswer:", r["choices"], r["answer"]
+        else:
+            raise FewstepError(f"{source}: a multiple-choice row needs ctx/endings/label or question/choices/answer")
+        label = "ABCD".index(label) if isinstance(label, str) and label in "ABCD" else int(label)
+        items.append(MCItem(ctx, [" " + e.strip() for e in endings], label))
+    return items
+
+
+def load_cloze(source: str, n: int | None = None) -> list[ClozeItem]:
+    """LAMBADA rows {text} from JSONL or `hf:`: the last whitespace-separated word is the target."""
+    items = []
+    for r in _rows(source, n):
+        ctx, _, word = r["text"].strip().rpartition(" ")
+        if not ctx:
+            raise FewstepError(f"{source}: a cloze row needs at least two words")
+        items.append(ClozeItem(ctx, " " + word))
+    return items
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of context and continuation such that their concatenation is the encoding of the whole text
+    (lm-evaluation-harness's rule: BPE merges across the boundary are given to the continuation)."""
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    if whole[: len(ctx)] != ctx:  # a merge across the boundary: fall back to separate encodings
+        return ctx, tokenizer.encode(continuation)
+    return ctx, whole[len(ctx) :]
+
+
+def score_multiple_choice(model, meta, tokenizer, items: list[MCItem], *, mc: int = 32, seed: int = 0,
+                          batch_size: int = 32, device=None) -> dict:
+    """Accuracy (sum of log-probs) and acc_norm (per character) over items."""
+    from fewstep.eval.likelihood import continuation_logprob
+
+    ctxs, conts, seeds = [], [], []
+    for i, it in enumerate(items):
+        for e in it.endings:
+            a, b = encode_pair(tokenizer, it.context, e)
+            ctxs.append(a)
+            conts.append(b)
+            seeds.append(seed * 1_000_003 + i)  # one seed per item: its endings share t's and masks
+    lp = continuation_logprob(model, meta, ctxs, conts, mc=mc, seeds=seeds, batch_size=batch_size, device=device)
+    acc = acc_norm = 0
+    k = 0
+    for it in items:
+        s = lp[k : k + len(it.endings)]
+        norm = s / torch.tensor([len(e) for e in it.endings], dtype=torch.float64)
+        acc += int(s.argmax()) == it.label
+        acc_norm += int(norm.argmax()) == it.label
+        k += len(it.endings)
+    n = max(len(items), 1)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "n_items": len(items), "chance": _chance(items)}
+
+
+def _chance(items: list[MCItem]) -> float:
+    return sum(1 / len(it.endings) for it in items) / max(len(items), 1)
+
+
+def score_cloze(model, meta, tokenizer, items: list[ClozeItem], *, mc: int = 32, seed: int = 0,
+                batch_size: int = 32, device=None) -> dict:
+    """LAMBADA accuracy (greedy decoding reproduces the target) and target perplexity (a bound for DLMs)."""
+    from fewstep.eval.likelihood import continuation_logprob
+
+    pairs = [encode_pair(tokenizer, it.context, it.target) for it in items]
+    lp, greedy = continuation_logprob(model, meta, [a for a, _ in pairs], [b for _, b in pairs], mc=mc,
+                                      seed=seed, batch_size=batch_size, greedy=True, device=device)
+    n_tok = sum(len(b) for _, b in pairs)
+    return {"acc": float(greedy.double().mean()) if len(items) else 0.0,
+            "ppl": math.exp(min(-float(lp.sum()) / max(n_tok, 1), 50.0)), "n_items": len(items)}
+
+
+def run_task(spec: str, model, meta, tokenizer, *, n: int = 200, mc: int = 32, seed: int = 0, data_dir=None,
+             batch_size: int = 32, device=None) -> dict:
+    """One task row. spec: 'cloze' | 'mc' (held-out text), 'lambada:<src>', 'hellaswag:<src>', 'mmlu:<src>'
+    where <src> is a JSONL path or hf:<dataset>[:config][@split]."""
+    kind, _, source = spec.partition(":")
+    if kind in ("cloze", "mc") and not source:
+        docs = heldout_documents(data_dir or meta["data"]["dir"], tokenizer, max_docs=max(2000, 20 * n))
+        if kind == "cloze":
+            items = cloze_from_documents(docs, n, seed=seed)
+        else:  # endings of at most half the model's length, so each item keeps some context
+            fits = lambda e: len(tokenizer.encode(e)) <= meta["model"]["seq_len"] // 2
+            items = mc_from_documents(docs, n, seed=seed, ending_ok=fits)
+        name = f"{kind}-heldout"
+    elif kind == "lambada" and source:
+        items, name = load_cloze(source, n), "lambada"
+    elif kind in ("hellaswag", "mmlu") and source:
+        items, name = load_multiple_choice(source, n), kind
+    else:
+        raise FewstepError(f"unknown task {spec!r}: use cloze, mc, lambada:<src>, hellaswag:<src> or mmlu:<src>")
+    if not items:
+        raise FewstepError(f"task {spec!r}: no items")
+    cloze = isinstance(items[0], ClozeItem)
+    score = score_cloze if cloze else score_multiple_choice
+    out = score(model, meta, tokenizer, items, mc=mc, seed=seed, batch_size=batch_size, device=device)
+    return {"kind": "task", "task": name, "source": source or "heldout", "model_kind": meta["kind"],
+            "likelihood": "exact" if meta["kind"] == "ar" else f"nelbo-mc{mc}", "seed": seed, **out}

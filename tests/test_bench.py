@@ -1,0 +1,112 @@
+"""Speed benchmark: the schema of its rows and of bench/speed.py's output. Timings are never asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep.cli import main
+from fewstep.eval import bench
+from fewstep.eval.bench import PRESETS, random_models, run_bench
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = {"name", "kind", "sampler", "batch", "seq_len", "latency_s", "latency_all_s", "tokens_per_s", "device",
+          "precision"}
+
+
+def test_run_bench_rows_and_speedups():
+    dlm, ar = random_models("tiny", "cpu")
+    rows = run_bench(dlm, ar, steps=[1, 2], batches=[1, 2], length=8, lengths=[4, 8], sweep_steps=[1],
+                     device="cpu", log=lambda m: None)
+    main_rows = [r for r in rows if r["kind"] != "length_sweep"]
+    assert [(r["name"], r["batch"], r.get("steps")) for r in main_rows] == [
+        ("ar-kv-cache B=1", 1, None), ("mdlm B=1", 1, 1), ("mdlm B=1", 1, 2),
+        ("ar-kv-cache B=2", 2, None), ("mdlm B=2", 2, 1), ("mdlm B=2", 2, 2)]  # AR: a reference, not a step count
+    for r in rows:
+        assert COMMON <= set(r), COMMON - set(r)
+        assert r["latency_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["batch"] * r["seq_len"] / r["latency_s"])
+    ar_lat = {r["batch"]: r["latency_s"] for r in main_rows if r["kind"] == "ar"}
+    for r in main_rows:
+        if r["kind"] == "mdlm":  # the speed-up is computed from the same run, same batch and length
+            assert r["speedup_vs_ar"] == pytest.approx(ar_lat[r["batch"]] / r["latency_s"])
+            assert r["sampler"] == "ancestral" and r["sampling_dtype"] == "float64" and r["greedy_tail"] is False
+    sweep = [r for r in rows if r["kind"] == "length_sweep"]
+    assert [(r["name"], r["seq_len"]) for r in sweep] == [("ar-kv-cache", 4), ("mdlm T=1", 4),
+                                                           ("ar-kv-cache", 8), ("mdlm T=1", 8)]
+    assert {r["model_kind"] for r in sweep} == {"ar", "mdlm"} and {r["batch"] for r in sweep} == {1}
+
+
+def test_out_of_memory_becomes_a_row(monkeypatch):
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 13.20 GiB")
+
+    dlm, ar = random_models("tiny", "cpu")
+    monkeypatch.setattr(bench, "time_dlm", oom)
+    rows = run_bench(dlm, ar, steps=[4], batches=[1], length=8, device="cpu", warmup=0, log=lambda m: None)
+    assert rows[0]["kind"] == "ar" and "latency_s" in rows[0]
+    assert rows[1]["error"] == "oom" and rows[1]["steps"] == 4 and "speedup_vs_ar" not in rows[1]
+
+
+def test_presets_have_the_shapes_they_claim():
+    p = PRESETS["owt-small-shape"]
+    assert (p["n_layers"], p["d_model"], p["n_heads"], p["vocab"], p["length"]) == (12, 768, 12, 50257, 1024)
+    assert p["steps"][0] == 1 and p["steps"][-1] == 1024 and p["batches"] == [1, 32]
+    # ~160M parameters: 12 * 12 * d^2 in the blocks plus untied input and output embeddings of 50k x 768
+    blocks = 12 * 12 * 768**2
+    assert 155e6 < blocks + 2 * 50258 * 768 < 165e6
+    dlm, ar = random_models("tiny", "cpu")
+    assert dlm.backbone.seq_len == PRESETS["tiny"]["length"] and ar.vocab_size == PRESETS["tiny"]["vocab"]
+
+
+def test_hf_generate_row():
+    pytest.importorskip("transformers")
+    lm = bench.hf_random_gpt2("tiny", "cpu")
+    row = bench.time_hf(lm, batch=2, length=6, device=torch.device("cpu"), warmup=0)
+    assert row["sampler"] == "hf-generate" and row["batch"] == 2 and row["seq_len"] == 6 and row["latency_s"] > 0
+
+
+def test_bench_script_appends_jsonl_and_prints_json_last(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, str(ROOT / "bench" / "speed.py"), "--preset", "tiny", "--random-weights", "--steps",
+           "1,2", "--batches", "1", "--lengths", "8", "--sweep-steps", "1", "--length", "8", "--hf", "none",
+           "--results", str(tmp_path)]
+    for _ in range(2):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {"git_sha", "device_name", "one_step_latency_s", "max_speedup_vs_ar", "results"} <= set(summary)
+    lines = (tmp_path / "speed-tiny.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * summary["rows"] == 2 * 5  # appended, not overwritten: ar + 2 mdlm + 2 sweep
+    row = json.loads(lines[-1])
+    assert row["git_sha"] == summary["git_sha"] and row["preset"] == "tiny" and row["weights"] == "random"
+    assert row["device_name"].startswith("cpu") and row["params_dlm"] > 0
+
+
+def test_bench_command_errors_are_one_line(capsys):
+    assert main(["bench", "--preset", "tiny"]) == 2  # random weights must be asked for
+    assert "--random-weights" in capsys.readouterr().err
+    assert main(["bench", "--preset", "tiny", "--random-weights", "--ckpt", "x"]) == 2
+
+
+def test_bench_from_checkpoints(pydoc_data, tmp_path, capsys):
+    from conftest import tiny_overrides
+
+    runs = {k: tmp_path / k for k in ("mdlm", "ar")}
+    for kind, out in runs.items():
+        assert main(["train", *tiny_overrides(pydoc_data, out, **{"train.max_steps": 1, "model.kind": kind})]) == 0
+    capsys.readouterr()
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--ckpt", str(runs["mdlm"]), "--ar-ckpt", str(runs["ar"]), "--steps", "1,2",
+                 "--length", "8", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["name"] for r in rows] == ["ar-kv-cache B=1", "mdlm B=1", "mdlm B=1"]
+    assert all(r["weights"] == "checkpoint" and r["ckpt"].startswith(str(runs["mdlm"])) for r in rows)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary["one_step_latency_s"]) == {"1"} and summary["oom"] == 0  # JSON keys are strings
+    assert main(["bench", "--ckpt", str(runs["ar"])]) == 2  # an AR checkpoint is not a DLM

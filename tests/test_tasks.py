@@ -1,0 +1,206 @@
+"""Likelihood tasks (multiple choice, cloze): builders, loaders, scoring; the lm-evaluation-harness adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from fewstep.config import FewstepError
+from fewstep.data import get_tokenizer
+from fewstep.eval.lm_eval import FewstepLM, harness_class
+from fewstep.eval.tasks import (
+    ClozeItem,
+    MCItem,
+    cloze_from_documents,
+    encode_pair,
+    heldout_documents,
+    load_cloze,
+    load_multiple_choice,
+    mc_from_documents,
+    run_task,
+    score_cloze,
+    score_multiple_choice,
+)
+from test_eval_harness import Unigram, meta_for
+
+BYTE = get_tokenizer("byte")
+DOCS = [
+    "Alpha centauri is a star system. It is the closest to the Sun, at about four light years.",
+    "The river flows north through the valley. Farmers there grow wheat and barley on the banks.",
+    "Python is a programming language. Its design emphasises code readability with indentation.",
+    "The museum opened in 1901 in the old town. It holds paintings from the Dutch golden age.",
+    "Tea is an aromatic beverage. It is prepared by pouring hot water over cured tea leaves.",
+    "short one",
+]
+
+
+def byte_unigram(favoured: str, p: float, denoiser: bool) -> Unigram:
+    """Bytes: each character of `favoured` has probability p / len(favoured); the rest share 1 - p."""
+    probs = torch.full((257,), (1 - p) / (257 - len(favoured)))
+    for c in favoured:
+        probs[ord(c)] = p / len(favoured)
+    return Unigram(probs.tolist(), denoiser=denoiser)
+
+
+def test_cloze_builder_takes_the_last_word():
+    items = cloze_from_documents(DOCS, 10, min_context=20)
+    assert len(items) == 5  # "short one" has no long enough context
+    by_target = {it.target: it for it in items}
+    it = by_target[" banks"]
+    assert it.context.endswith("wheat and barley on the") and it.target == " banks"
+    assert all(it.target.startswith(" ") and it.target[1:].isalpha() for it in items)
+    assert cloze_from_documents(DOCS, 3, seed=1, min_context=20) == cloze_from_documents(DOCS, 3, seed=1,
+                                                                                           min_context=20)
+
+
+def test_mc_builder_true_ending_and_distractors_from_other_documents():
+    items = mc_from_documents(DOCS, 10, n_endings=3, min_context=20)
+    assert len(items) == 5
+    lasts = {d: " " + d.split(". ")[-1] for d in DOCS[:5]}
+    for it in items:
+        doc = next(d for d in DOCS if d.startswith(it.context))
+        assert it.endings[it.label] == lasts[doc] and len(set(it.endings)) == 3
+        assert all(e in lasts.values() for e in it.endings)
+    assert {it.label for it in items} != {0}  # the answer position is shuffled
+    short = mc_from_documents(DOCS, 10, n_endings=2, min_context=20, ending_ok=lambda e: len(e) < 60)
+    assert all(len(e) < 60 for it in short for e in it.endings)
+    with pytest.raises(FewstepError):
+        mc_from_documents(DOCS[:2], 5, n_endings=4, min_context=20)
+
+
+def test_loaders_read_hellaswag_mmlu_and_lambada_jsonl(tmp_path):
+    hs = [{"ctx": "A man", "endings": ["runs.", "sings."], "label": "1"},
+          {"ctx_a": "She", "ctx_b": "opens", "endings": ["a door", "a can"], "label": 0}]
+    (tmp_path / "hs.jsonl").write_text("\n".join(map(json.dumps, hs)))
+    items = load_multiple_choice(str(tmp_path / "hs.jsonl"))
+    assert items == [MCItem("A man", [" runs.", " sings."], 1), MCItem("She opens", [" a door", " a can"], 0)]
+    mmlu = {"question": "2 + 2 = ?", "choices": ["3", "4"], "answer": "B"}
+    (tmp_path / "mmlu.jsonl").write_text(json.dumps(mmlu))
+    assert load_multiple_choice(str(tmp_path / "mmlu.jsonl")) == [MCItem("2 + 2 = ?\nAnswer:", [" 3", " 4"], 1)]
+    (tmp_path / "lam.jsonl").write_text(json.dumps({"text": "he opened the door"}) + "\n\n")
+    assert load_cloze(str(tmp_path / "lam.jsonl")) == [ClozeItem("he opened the", " door")]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x"}))
+    for fn, path in [(load_multiple_choice, "bad.jsonl"), (load_cloze, "missing.jsonl")]:
+        with pytest.raises((FewstepError, KeyError)):
+            fn(str(tmp_path / path))
+
+
+def test_heldout_documents_are_the_val_split(pydoc_data):
+    docs = heldout_documents(str(pydoc_data), BYTE)
+    meta = json.loads((pydoc_data / "meta.json").read_text())
+    assert len(docs) == meta["n_docs"]["val"] and all(d.strip() == d and d for d in docs)
+    train = (pydoc_data / "train.bin").read_bytes()
+    assert all(d[:40].encode() not in train for d in docs)  # held out: never in the training stream
+
+
+def test_encode_pair_concatenates_to_the_whole():
+    gpt2 = get_tokenizer("gpt2")
+    ctx, cont = encode_pair(gpt2, "The capital of France is", " Paris")
+    assert ctx + cont == gpt2.encode("The capital of France is Paris") and gpt2.decode(cont) == " Paris"
+
+
+@pytest.mark.parametrize("kind", ["ar", "mdlm"])
+def test_multiple_choice_acc_and_acc_norm(kind):
+    """Unigram model favouring 'a' and ' ': per-character scoring picks the long 'aaaa' ending, the sum picks 'b'."""
+    model = byte_unigram("a ", 0.9, denoiser=kind == "mdlm")
+    meta = meta_for(kind, 64, eos=256)
+    items = [MCItem("ctx", [" " + "a" * 12, " b", " zz"], 0), MCItem("ctx", [" q", " aa"], 1)]
+    out = score_multiple_choice(model, meta, BYTE, items, mc=256)
+    # item 0: log p(" b") = -0.8 - 7.8 beats 13 * -0.8 for the right ending; per character the 'a's win
+    assert out["acc_norm"] == 1.0 and out["acc"] == 0.5 and out["n_items"] == 2
+    assert out["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+
+
+@pytest.mark.parametrize("kind", ["ar", "mdlm"])
+def test_cloze_accuracy_is_greedy_match_and_ppl_is_per_token(kind):
+    model = byte_unigram("a", 0.9, denoiser=kind == "mdlm")
+    meta = meta_for(kind, 32, eos=256)
+    items = [ClozeItem("x", "aaa"), ClozeItem("x", "ab")]  # greedy decoding writes 'a' everywhere
+    out = score_cloze(model, meta, BYTE, items, mc=256)
+    assert out["acc"] == 0.5 and out["n_items"] == 2
+    lp = 3 * math.log(0.9) + math.log(0.9) + math.log(0.1 / 256)
+    assert out["ppl"] == pytest.approx(math.exp(-lp / 5), rel=0.05 if kind == "mdlm" else 1e-6)
+
+
+def test_run_task_specs(tmp_path):
+    model = byte_unigram("a", 0.5, denoiser=False)
+    meta = meta_for("ar", 64, eos=256)
+    (tmp_path / "lam.jsonl").write_text(json.dumps({"text": "one two three"}))
+    row = run_task(f"lambada:{tmp_path / 'lam.jsonl'}", model, meta, BYTE)
+    assert row["task"] == "lambada" and row["likelihood"] == "exact" and row["n_items"] == 1
+    for bad in ("nope", "lambada:", "hellaswag"):
+        with pytest.raises(FewstepError):
+            run_task(bad, model, meta, BYTE)
+
+
+# --------------------------------------------------------------------------- lm-evaluation-harness adapter
+
+
+class Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.mark.parametrize("kind", ["ar", "mdlm"])
+def test_adapter_answers_the_three_request_types(kind):
+    model = byte_unigram("a ", 0.9, denoiser=kind == "mdlm")
+    lm = FewstepLM(model=model, meta=meta_for(kind, 16, eos=256), tokenizer=BYTE, mc=64, stride=5)
+    out = lm.loglikelihood([Req("hello", " aa"), Req("", "b")])
+    pa, pb = math.log(0.45), math.log(0.1 / 255)  # ' ' and 'a' share 0.9, 255 other bytes the rest
+    tol = dict(rel=0.1) if kind == "mdlm" else dict(rel=1e-5)
+    assert out[0][0] == pytest.approx(3 * pa, **tol) and out[1][0] == pytest.approx(pb, **tol)
+    assert [g for _, g in out] == [False, False]  # ' ' and 'a' tie, argmax picks ' ' (id 32) before 'a'
+    text = "a a a a a a a a a a a a"  # 23 characters: rolling scores each exactly once, in chunks of 5
+    roll = lm.loglikelihood_rolling([Req(text)])[0]
+    assert roll == pytest.approx(len(text) * pa, **tol)
+    gen = lm.generate_until([Req("q", {"until": ["\n"], "max_gen_toks": 6}), Req("q", {"until": "  ",
+                                                                                     "max_gen_toks": 4})])
+    assert gen == ["      ", ""]  # greedy: ' ' every time; the second stops at the first "  "
+    sampled = lm.generate_until([Req("q", {"max_gen_toks": 8, "do_sample": True, "temperature": 1.0})])[0]
+    assert "a" in sampled and sampled != gen[0]  # sampling (seeded) is not greedy: 'a' shows up
+
+
+def test_harness_class_registers_with_lm_eval(monkeypatch):
+    """With a stand-in for lm_eval (the real one is an optional install), the adapter subclasses its LM."""
+    registry: dict = {}
+
+    class LM:
+        def __init__(self):
+            self._rank, self._world_size, self.cache_hook = 0, 1, Hook()
+
+    class Hook:
+        calls: list = []
+
+        def add_partial(self, kind, args, result):
+            self.calls.append((kind, args, result))
+
+    def register_model(name):
+        def deco(cls):
+            registry[name] = cls
+            return cls
+
+        return deco
+
+    mods = {"lm_eval": types.ModuleType("lm_eval"), "lm_eval.api": types.ModuleType("lm_eval.api"),
+            "lm_eval.api.model": types.ModuleType("lm_eval.api.model"),
+            "lm_eval.api.registry": types.ModuleType("lm_eval.api.registry")}
+    mods["lm_eval.api.model"].LM = LM
+    mods["lm_eval.api.registry"].register_model = register_model
+    for k, v in mods.items():
+        monkeypatch.setitem(sys.modules, k, v)
+    harness_class.cache_clear()
+    try:
+        cls = harness_class()
+        assert registry["fewstep"] is cls and issubclass(cls, LM) and issubclass(cls, FewstepLM)
+        lm = cls(model=byte_unigram("a", 0.9, False), meta=meta_for("ar", 16, eos=256), tokenizer=BYTE)
+        (lp, _), = lm.loglikelihood([Req("x", " a")])
+        assert Hook.calls == [("loglikelihood", ("x", " a"), (lp, False))] and lm._rank == 0
+    finally:
+        harness_class.cache_clear()
+    with pytest.raises(FewstepError):
+        FewstepLM()
