@@ -7,11 +7,13 @@ A method has a `Config` dataclass (filled from the `[method]` table of a run con
 """
 
 from fewstep.distill.boot import BOOT
+from fewstep.distill.idlm import IDLM
 from fewstep.distill.sdtt import SDTT
 
 METHODS = {
     "sdtt": SDTT,  # self-distillation through time: the baseline (Deschenaux & Gulcehre 2025)
     "boot": BOOT,  # BOOT-style data-free bootstrapping, collapsed to one step (Gu et al. 2023, adapted)
+    "idlm": IDLM,  # inverse distillation with a fake model, masked or uniform teachers (Li, Gushchin et al. 2026)
 }
 
 __all__ = ["METHODS"]

@@ -16,12 +16,14 @@ round r with K = start_steps / 2**r student steps:
 
   1. k ~ U{0..K-1};  t = t_k, s = t_{k+1}, m = (t + s) / 2
   2. x_t = the student's own k-jump path from m^L (stop-gradient)                        data-free, on-policy
-  3. x_m = x_t advanced t -> m with the student's own draws from sg[q_theta]; R1 = positions it unmasked,
-     R2 = M(x_m) positions still masked                                "its own prediction at one time ..."
-  4. teacher at both states: p_phi(. | x_t) for R1, and p_phi(. | x_m) for R2     "... advanced one teacher step"
+  3. x_m = x_t advanced t -> m with the student's own draws from sg[q_theta]; R1 = positions it unmasked
+                                                                        "its own prediction at one time ..."
+  4. teacher at both states: p_phi(. | x_t) for R1, and p_phi(. | x_m), which drives the teacher's step m -> s;
+     R2 = the positions that step unmasks (r2 = "jump": R1 + R2 is exactly one student jump), or every position
+     still masked at m (r2 = "all", SDTT's rule)                              "... advanced one teacher step"
 
   J(theta) = E_{k, x_t} E_{x^R1 ~ q_theta} [ sum_{l in R1} delta(q^l || p_phi^l(. | x_t))
-                                           + sum_{l in R2} delta(q^l || p_phi^l(. | x_m)) ] / |M(x_t)|
+                                           + sum_{l in R2} delta(q^l || p_phi^l(. | x_m)) ] / |R1 + R2|
 
 With delta = reverse KL the bracket is exactly KL( q_theta(x^R1) prod_{R2} q^l || p_phi(x^R1 | x_t) prod_{R2}
 p_phi^l(. | x_m) ): the student's one factorised jump against the stack "teacher step to m on the student's own
@@ -32,8 +34,9 @@ the draws x^R1 are not, and they are not reparameterisable, so the exact gradien
   F = sum_{l in R2} delta(q^l || p_phi^l(. | x_m))  (per sequence, detached),  b = leave-one-out batch mean of F.
 
 The score term rewards draws at R1 after which the teacher predicts what the student already predicts at R2, so the
-minimiser is the mean-field (factorised, mode-seeking) approximation of the teacher's two-stage joint: positions of
-one jump agree with each other. Without it (score_function = false) each q^l is only pulled toward the normalised
+minimiser is the mean-field (factorised, mode-seeking) approximation of the teacher's two-stage joint: it
+concentrates where the teacher couples the positions of one jump strongly (on the tiny byte-level teacher it barely
+moves: docs/distillation.md). Without it (score_function = false) each q^l is only pulled toward the normalised
 geometric mean of the teacher's conditionals exp E[log p_phi^l(. | x_m)], which is flatter whenever they disagree
 (measured: higher entropy, worse gen PPL; docs/distillation.md). The R1 term anchors the student to the teacher at
 its own state, BOOT's boundary condition (the teacher's prediction at the path's start), so the student cannot drift
@@ -66,12 +69,15 @@ class BOOT:
         round_steps: int = 200  # optimiser steps per round
         time_cond: bool = True  # BOOT's student is time-conditioned
         score_function: bool = True  # exact gradient through the student's own draws (false: pathwise part only)
+        r2: str = "jump"  # "jump": R2 = what the teacher's step m -> s unmasks; "all": every position masked at m
         loss_dtype: str = "float32"
 
     def __init__(self, config: Config, setup: Setup):
         self.cfg, self.s = config, setup
         self.div = get_divergence(config.divergence)
         self.rounds = Halving(config.start_steps, config.min_steps, config.round_steps)
+        if config.r2 not in ("jump", "all"):
+            raise FewstepError(f"method.r2 must be 'jump' or 'all', got {config.r2!r}")
         if config.loss_dtype not in ("float32", "float64"):
             raise FewstepError(f"method.loss_dtype must be float32 or float64, got {config.loss_dtype!r}")
         self.student, self.teacher = setup.student, setup.teacher
@@ -115,6 +121,10 @@ class BOOT:
             log_pm = self.teacher(x_m, torch.full_like(tt, m))  # p_phi(. | x_m), drives the teacher's step m -> s
         r1 = (x_t == mask) & (x_m != mask)  # (B, L) unmasked by the student's own draws
         r2 = x_m == mask  # (B, L) still masked at m
+        if self.cfg.r2 == "jump":  # keep the positions the teacher's own step m -> s unmasks: the rest of the jump
+            x_s = sample(FixedPrediction(log_pm), self.s.schedule, batch=x_t.shape[0], length=x_t.shape[1], steps=1,
+                         mask_id=mask, times=torch.tensor([m, s], dtype=torch.float64), x_init=x_m)
+            r2 = r2 & (x_s != mask)
         dtype = torch.float64 if self.cfg.loss_dtype == "float64" else torch.float32
         log_s = log_s.to(dtype)
         d1 = self.div(log_s, log_pt.to(dtype), reduction="none") * r1  # (B, L)
@@ -125,7 +135,7 @@ class BOOT:
             b = (F.sum() - F) / (F.shape[0] - 1)  # leave-one-out baseline: no bias, less variance
             logq = (log_s.gather(-1, x_m[..., None]).squeeze(-1) * r1).sum(-1)  # (B,) log q(x^R1)
             total = total + (F - b) * (logq - logq.detach())  # value 0: the logged loss stays J
-        n = (x_t == mask).sum().clamp(min=1)
+        n = (r1 | r2).sum().clamp(min=1)
         loss = (total.sum() / n).float()
         logs = {"round": self.rounds.round(step), "student_steps": K, "jump": k,
                 "masked_frac": (x_t == mask).float().mean(), "kl_r1": d1.detach().sum() / r1.sum().clamp(min=1),

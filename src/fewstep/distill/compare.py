@@ -22,8 +22,12 @@ COLS = ["name", "steps", "greedy_tail", "gen_ppl", "entropy", "n_samples", "seco
 
 def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps=(1, 4, 8, 16, 64),
             student_steps=(1, 4, 8, 16), n: int = 64, batch: int = 32, seed: int = 0, device: str = "cpu",
-            out: str | None = None) -> list[dict]:
-    """Measure the grid; returns the result rows (also written under `out` when given)."""
+            temperature: float | None = None, out: str | None = None) -> list[dict]:
+    """Measure the grid; returns the result rows (also written under `out` when given).
+
+    temperature: also measure the teacher at the student step counts with this sampling temperature (no greedy
+    tail): the plain sharpening baseline a distilled student must beat to show more than lower entropy.
+    """
     import torch
 
     from fewstep.checkpoint import load_model
@@ -51,6 +55,10 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
                 row.update(method=meta.get("distill", {}).get("method", "teacher"), weights=meta["name"])
                 rows.append(row)
                 print(json.dumps({k: row.get(k) for k in COLS}), flush=True)
+        if name == "teacher" and temperature is not None:
+            for steps in student_steps:
+                rows.append(_tempered(model, meta, steps, temperature, n, batch, seed, tok, j, device))
+                print(json.dumps({k: rows[-1].get(k) for k in COLS}), flush=True)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         with open(Path(out) / "results.jsonl", "w", encoding="utf-8") as f:
@@ -58,6 +66,26 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
         (Path(out) / "table.md").write_text(table(rows) + "\n\n" + "\n".join(acceptance(rows)) + "\n",
                                             encoding="utf-8")
     return rows
+
+
+def _tempered(model, meta, steps, temperature, n, batch, seed, tok, judge, device) -> dict:
+    """A teacher row sampled at `temperature` (sample_eval has no temperature): same judge, n, seed, batch."""
+    import time
+
+    from fewstep.eval.entropy import unigram_entropy
+    from fewstep.eval.genppl import generative_perplexity
+    from fewstep.pipeline import generate
+
+    t0 = time.perf_counter()
+    x = generate(model, meta, n=n, steps=steps, batch=batch, seed=seed, temperature=temperature, device=device)
+    seconds = time.perf_counter() - t0
+    g = generative_perplexity([tok.decode(ids) for ids in x.tolist()], judge)
+    return {"name": f"teacher T={temperature}", "kind": meta["kind"], "ckpt": meta.get("ckpt"), "steps": steps,
+            "sampler": "ancestral", "greedy_tail": False, "temperature": temperature, "precision": "fp32",
+            "sampling_dtype": "float64", "n_samples": n, "batch": batch, "seed": seed, "seq_len": x.shape[1],
+            "device": str(device), "entropy": float(unigram_entropy(x).mean()), "gen_ppl": g["gen_ppl"],
+            "judge": g["judge"], "judge_tokens": g["n_tokens"], "seconds_per_sample": seconds / n,
+            "method": "teacher", "weights": meta["name"]}
 
 
 def table(rows: list[dict]) -> str:
@@ -99,6 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-steps", default="1,4,8,16,64")
     p.add_argument("--student-steps", default="1,4,8,16")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--temperature", type=float, default=None, help="add teacher rows at this temperature")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     from fewstep.config import FewstepError
@@ -107,7 +136,8 @@ def main(argv=None) -> int:
         students = dict(s.split("=", 1) for s in a.student)
         rows = compare(a.teacher, students, a.judge, n=a.n, batch=a.batch, seed=a.seed, device=a.device,
                        teacher_steps=[int(x) for x in a.teacher_steps.split(",")],
-                       student_steps=[int(x) for x in a.student_steps.split(",")], out=a.out)
+                       student_steps=[int(x) for x in a.student_steps.split(",")], temperature=a.temperature,
+                       out=a.out)
     except (FewstepError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -51,15 +51,15 @@ def parse_method(table: dict):
     return Method, mcfg, common
 
 
-def load_teacher(path: str, device) -> tuple[torch.nn.Module, dict]:
-    """The frozen teacher (eval mode, no gradients) and its checkpoint meta."""
+def load_teacher(path: str, device, kinds=("mdlm",)) -> tuple[torch.nn.Module, dict]:
+    """The frozen teacher (eval mode, no gradients) and its checkpoint meta; `kinds`: the method's teacher kinds."""
     if not Path(path).exists():
         raise FewstepError(f"teacher checkpoint {path} does not exist: train one first (fewstep train --config "
                            "tiny_mdlm) or set method.teacher")
     teacher, meta = checkpoint.load_model(path, device)
-    if meta["kind"] != "mdlm":
+    if meta["kind"] not in kinds:
         raise FewstepError(f"teacher {path} is a {meta['kind']!r} model; these methods distill masked diffusion "
-                           "LMs (kind 'mdlm')")
+                           f"LMs (kind 'mdlm'){' or uniform-state ones' if 'uniform' in kinds else ''}")
     return teacher.requires_grad_(False).eval(), meta
 
 
@@ -136,7 +136,7 @@ def prepare(cfg: RunConfig, device, rank: int = 0, world: int = 1) -> dict:
     if cfg.model != ModelConfig():
         raise FewstepError("the student's model comes from the teacher checkpoint: remove [model] settings from "
                            "a distill config")
-    teacher, tmeta = load_teacher(common.teacher, device)
+    teacher, tmeta = load_teacher(common.teacher, device, getattr(Method, "teacher_kinds", ("mdlm",)))
     tspec = tmeta["model"]
     student, scfg = build_student(common, teacher, tspec, getattr(mcfg, "time_cond", False), device, cfg.train.seed)
     cfg.model = scfg

@@ -1,0 +1,188 @@
+"""IDLM: inverse distillation of a diffusion LM into a few-step student (Li, Gushchin et al., arXiv 2602.19066).
+
+Teacher f* (frozen) minimises E_{p*} L(f, x0) for the teacher's own diffusion loss L (MDLM or uniform-state NELBO).
+A student generator G_theta induces p_theta; a fake model f_hat (initialised from the teacher) is fitted to it:
+
+    fake:    min_f_hat  E_{x0 ~ p_theta} L(f_hat, sg(x0))
+    student: L_IDLM(theta) = E_{x0 ~ p_theta} [ L(f*, x0) - L(f_hat, x0) ]      (f_hat detached)
+
+with L_IDLM >= KL(p_theta || p*) >= 0 and = 0 iff p_theta = p* when f_hat is the optimal fake (paper Thm. 1; for
+the exact MDLM NELBO of oracle denoisers the difference is exactly KL(p_theta || p*), tests/test_idlm.py).
+Multistep generation (the paper's `multistep_generation`): x_data ~ batch, t_g ~ U[t_min, t_max],
+x_tg ~ q(x_t | x_data), and x0 = G_theta(x_tg, t_g) on the simplex (softmax probs pi, (B, L, V)), so at inference
+the student is an ordinary few-step sampler. The loop alternates by back-propagating each loss only into its own
+module; teacher and fake outputs inside the student loss are computed under no_grad, so the student loss has no
+graph into f_hat (and the fake loss sees sg(pi), so none into G).
+
+Masked teachers (MDLM Eq. 10, SUBS): with t' ~ U[eps, 1], z ~ q(. | x0) drawn as an x0-independent mask
+(prob 1 - alpha_t') and clean tokens drawn hard from sg(pi), only masked positions count and the loss is linear in x0:
+
+    L(f, pi) = w(t') sum_{l: z^l = m} sum_v pi^l_v (-log f(z, t')^l_v),   w(t') = -alpha'_t' / (1 - alpha_t')
+
+so the gradient flows through the cross-entropy weights pi (the paper's SUBS relaxation).
+
+Uniform-state teachers (diffusion/uniform.py, Duo base process): the per-position NELBO integrand, written for a
+relaxed xbar = N alpha_t pi + (1 - alpha_t) (one-hot x0 replaced by pi) and i = z^l,
+
+    l(xbar, i) = beta_t/N [ N/xth_i - N/xbar_i + sum_y (xbar_y/xbar_i) log(xbar_y xth_i / (xbar_i xth_y)) ],
+
+with z^l drawn from the noised sg(pi) (a hard draw x ~ sg(pi), then q(z | x)). Its model-dependent part satisfies
+E_{v ~ pi} E_{i ~ q(.|v)} l_f(v, i) = sum_i (xbar_i / N) l_f(xbar, i), which is LINEAR in pi (xbar_i l_f(xbar, i) is
+affine in xbar); the x0-only terms cancel in L(f*) - L(f_hat). We use the estimator (xbar_i / sg(xbar_i)) l(xbar, i):
+its value equals l, and given the other positions' draws z^{-l} both its expectation and its gradient in pi^l are
+exact (the factor supplies the score-function term of z^l's own law, which sg(pi) in the draw would drop; without
+it the gradient is biased, tests/test_idlm.py). As in the paper's MDLM relaxation, the law of the context z^{-l}
+is stop-gradient: with correlated teachers the total gradient drops that term (measured on the toy: cos 0.98 to
+the exact KL gradient). This replaces the paper's Gaussian reparameterisation for Duo (pathwise, soft inputs to
+the teacher) by an exact-in-expectation relaxation of the discrete loss with hard inputs, so teacher and fake see
+ordinary token states. For one-hot pi it is exactly uniform.nelbo_terms.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from fewstep.config import FewstepError
+from fewstep.diffusion.mdlm import sample_t
+from fewstep.diffusion.sampling import sample_categorical
+from fewstep.diffusion.schedule import weight
+from fewstep.distill.common import Setup
+
+
+def soft_uniform_terms(xbar_theta: torch.Tensor, xbar: torch.Tensor, z_t: torch.Tensor, alpha_t: torch.Tensor,
+                       dalpha_t: torch.Tensor) -> torch.Tensor:
+    """uniform.nelbo_terms for a relaxed xbar (B, L, N) (sum_y xbar_y = N) instead of a one-hot x0 -> (B, L)."""
+    N = xbar_theta.shape[-1]
+    beta = (-dalpha_t / alpha_t)[:, None].to(xbar_theta.dtype)  # (B, 1)
+    xbar_i = xbar.gather(-1, z_t[..., None]).squeeze(-1)  # (B, L)
+    xth_i = xbar_theta.gather(-1, z_t[..., None]).squeeze(-1)
+    s_xx = (xbar * xbar.log()).sum(-1)
+    s_xth = (xbar * xbar_theta.log()).sum(-1)
+    kl = (s_xx - N * xbar_i.log() + N * xth_i.log() - s_xth) / xbar_i
+    return beta / N * (N / xth_i - N / xbar_i + kl)
+
+
+def masked_loss(log_f: torch.Tensor, probs: torch.Tensor, z: torch.Tensor, t: torch.Tensor, schedule,
+                mask_id: int) -> torch.Tensor:
+    """Per-sequence w(t) sum_{masked l} <pi^l, -log f^l> (B,), linear in probs (B, L, V)."""
+    ce = -(probs * log_f).sum(-1)  # (B, L); probs of the mask column are exactly 0
+    return weight(schedule, t) * torch.where(z == mask_id, ce, torch.zeros_like(ce)).sum(-1)
+
+
+def uniform_loss(log_f: torch.Tensor, probs: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
+                 schedule) -> torch.Tensor:
+    """Per-sequence relaxed uniform-state NELBO (B,) with the exact-gradient factor xbar_i / sg(xbar_i)."""
+    N = probs.shape[-1]
+    a = schedule.alpha(t)[:, None, None]
+    xbar = N * a * probs + (1 - a)  # (B, L, N)
+    xbar_theta = N * a * log_f.exp() + (1 - a)
+    xbar_i = xbar.gather(-1, z[..., None]).squeeze(-1)
+    terms = soft_uniform_terms(xbar_theta, xbar, z, schedule.alpha(t), schedule.dalpha(t))
+    return (xbar_i / xbar_i.detach() * terms).sum(-1)
+
+
+class IDLM:
+    data_free = False
+    teacher_kinds = ("mdlm", "uniform")
+
+    @dataclass
+    class Config:
+        student_steps: int = 4  # the student's sampling steps (eval; and the grid when t_grid)
+        fake_steps: int = 1  # fake updates per student update (the paper's fake_frequency)
+        steps: int = 1000  # optimiser steps when train.max_steps = 0
+        t_min: float = 1e-3  # generator input time t_g ~ U[t_min, t_max]
+        t_max: float = 1.0
+        t_grid: bool = False  # draw t_g from the student's sampling grid {k / student_steps} instead
+        loss_eps: float = 1e-3  # t' ~ U[loss_eps, 1] for the diffusion losses
+        time_cond: bool = False  # adaLN time conditioning for a masked student (uniform ones always have it)
+
+    def __init__(self, config: Config, setup: Setup):
+        self.cfg, self.s = config, setup
+        if config.fake_steps < 1 or config.student_steps < 1 or config.steps < 1:
+            raise FewstepError("method.fake_steps, student_steps and steps must be >= 1")
+        if not 0.0 < config.t_min <= config.t_max <= 1.0:
+            raise FewstepError(f"need 0 < method.t_min <= method.t_max <= 1, got {config.t_min}, {config.t_max}")
+        self.student, self.teacher = setup.student, setup.teacher
+        self.masked = setup.mask_id is not None
+        self.fake = copy.deepcopy(setup.teacher).requires_grad_(True).train()  # f_hat starts as f*
+
+    def trainable(self):
+        return {"student": self.student, "fake": self.fake}  # student first: the loop validates/EMA-swaps it
+
+    def planned_steps(self) -> int:
+        return self.cfg.steps
+
+    def generate(self, x_data: torch.Tensor) -> torch.Tensor:
+        """Student 'x0' on the simplex (B, L, V): probs of G(x_tg, t_g) with x_tg ~ q(x_t | x_data)."""
+        from fewstep.diffusion.mdlm import q_xt
+        from fewstep.diffusion.uniform import q_zt
+
+        B, dev, c = x_data.shape[0], x_data.device, self.cfg
+        if c.t_grid:
+            t = torch.randint(1, c.student_steps + 1, (B,), device=dev) / c.student_steps
+        else:
+            t = c.t_min + (c.t_max - c.t_min) * torch.rand(B, device=dev)
+        alpha = self.s.schedule.alpha(t)
+        x_t = q_xt(x_data, alpha, self.s.mask_id) if self.masked else q_zt(x_data, alpha, self.vocab)
+        return self.student(x_t, t).exp()
+
+    @property
+    def vocab(self) -> int:
+        return self.teacher.backbone.vocab_size
+
+    def corrupt(self, probs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """z ~ q(z | x0) with x0 drawn hard from sg(probs) (B, L); the mask draw never depends on x0."""
+        from fewstep.diffusion.mdlm import q_xt
+        from fewstep.diffusion.uniform import q_zt
+
+        x0 = sample_categorical(probs.detach())
+        alpha = self.s.schedule.alpha(t)
+        return q_xt(x0, alpha, self.s.mask_id) if self.masked else q_zt(x0, alpha, self.vocab)
+
+    def loss(self, log_f: torch.Tensor, probs: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.masked:
+            return masked_loss(log_f, probs, z, t, self.s.schedule, self.s.mask_id)
+        return uniform_loss(log_f, probs, z, t, self.s.schedule)
+
+    def student_loss(self, probs: torch.Tensor) -> torch.Tensor:
+        """L(f*, pi) - L(f_hat, pi) per token; gradient only through pi (both models' outputs are detached)."""
+        t = sample_t(probs.shape[0], probs.device, eps=self.cfg.loss_eps)
+        z = self.corrupt(probs, t)
+        with torch.no_grad():
+            log_t, log_f = self.teacher(z, t), self.fake(z, t)
+        return (self.loss(log_t, probs, z, t) - self.loss(log_f, probs, z, t)).mean() / probs.shape[1]
+
+    def fake_loss(self, probs: torch.Tensor) -> torch.Tensor:
+        """The teacher's diffusion loss of f_hat on the student's (detached) samples, per token."""
+        probs = probs.detach()
+        t = sample_t(probs.shape[0], probs.device, eps=self.cfg.loss_eps)
+        z = self.corrupt(probs, t)
+        return self.loss(self.fake(z, t), probs, z, t).mean() / probs.shape[1]
+
+    def step(self, x0: torch.Tensor, step: int):
+        train_student = step % self.cfg.fake_steps == self.cfg.fake_steps - 1
+        with torch.set_grad_enabled(train_student and torch.is_grad_enabled()):
+            probs = self.generate(x0)  # (B, L, V)
+        losses = {"fake": self.fake_loss(probs)}
+        logs = {"fake_loss": losses["fake"].detach()}
+        if train_student:
+            losses["student"] = self.student_loss(probs)
+            logs["idlm"] = losses["student"].detach()
+        logs["student_entropy"] = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean().detach()
+        return {k: losses[k] for k in ("student", "fake") if k in losses}, logs
+
+    @torch.no_grad()
+    def validate(self, x0: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+        """The student's NELBO (teacher's objective) on held-out text."""
+        from fewstep.diffusion import mdlm, uniform
+
+        if self.masked:
+            t = sample_t(x0.shape[0], x0.device, antithetic=True, generator=generator)
+            nats = mdlm.nelbo(self.student, self.s.schedule, x0, t, self.s.mask_id, generator)
+        else:
+            t = sample_t(x0.shape[0], x0.device, antithetic=True, eps=1e-3, generator=generator)
+            nats = uniform.nelbo(self.student, self.s.schedule, x0, t, generator)
+        return {"nats": nats.sum().item(), "tokens": x0.numel()}

@@ -1,0 +1,200 @@
+"""IDLM: on an enumerable toy the objective with oracle denoisers is exactly KL(p_theta || p*) (0 when the student
+is the teacher's distribution), for masked and uniform-state losses; each loss trains only its own module; the
+method runs end to end through `fewstep distill` for masked and uniform teachers."""
+
+import json
+import math
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import tiny_overrides
+from fewstep import checkpoint
+from fewstep.config import load
+from fewstep.diffusion.schedule import get_schedule
+from fewstep.diffusion.uniform import nelbo_terms
+from fewstep.distill.common import Setup
+from fewstep.distill.idlm import IDLM, soft_uniform_terms
+from fewstep.distill.run import distill, prepare
+from fewstep.pipeline import generate, pretrain
+from fewstep.train import fit
+
+V, L = 3, 3
+
+
+class Oracle(nn.Module):
+    """Optimal denoiser of a distribution p over V^L (a table), for the masked (mask id V) or uniform process."""
+
+    def __init__(self, p: torch.Tensor, masked: bool):
+        super().__init__()
+        self.p, self.masked, self.schedule = p, masked, get_schedule()
+        self.seqs = torch.cartesian_prod(*[torch.arange(V)] * L)  # (S, L)
+        self.backbone = types.SimpleNamespace(vocab_size=V)
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, z, t):
+        a = self.schedule.alpha(t.double())[:, None, None]  # (B, 1, 1)
+        eq = (z[:, None, :] == self.seqs[None]).double()  # (B, S, L)
+        like = a * eq + (1 - a) * ((z[:, None, :] == V).double() if self.masked else 1.0 / V)
+        # Uniform: the exact reverse rates need x_theta^l = p(x0^l | z^{-l}) (leave z^l out: UDLM's xbar_theta
+        # ratio re-applies q(z^l | x0^l)); masked: z^l is m or x0^l, so p(x0^l | z) is the same thing.
+        post = self.p[None, :, None] * like.prod(-1, keepdim=True) / (like if not self.masked else 1.0)  # (B, S, L)
+        post = post / post.sum(1, keepdim=True)
+        marg = torch.einsum("bsl,slv->blv", post, nn.functional.one_hot(self.seqs, V).double())  # (B, L, V)
+        if self.masked:
+            marg = torch.cat([marg, torch.zeros_like(marg[..., :1])], -1)
+        return torch.where(marg > 0, marg.clamp_min(1e-300).log(), torch.full_like(marg, -1e6))
+
+
+def product(pi):  # (L, V) marginals -> table over V^L
+    seqs = torch.cartesian_prod(*[torch.arange(V)] * L)
+    return pi[torch.arange(L), seqs].prod(-1)
+
+
+def method_for(p_star, pi, masked, B):
+    setup = Setup(teacher=Oracle(p_star, masked), student=nn.Identity(), schedule=get_schedule(),
+                  mask_id=V if masked else None, batch=B, seq_len=L, device=torch.device("cpu"))
+    m = IDLM(IDLM.Config(), setup)
+    m.fake = Oracle(product(pi), masked)  # the optimal fake for the student's distribution
+    probs = pi.double()
+    if masked:
+        probs = torch.cat([probs, torch.zeros(L, 1, dtype=probs.dtype)], -1)
+    return m, probs.expand(B, L, -1)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_objective_is_kl_and_zero_at_the_teacher(masked):
+    torch.manual_seed(0)
+    p_star = torch.softmax(1.5 * torch.randn(V**L, dtype=torch.float64), 0)  # correlated positions
+    marg = torch.einsum("s,slv->lv", p_star, nn.functional.one_hot(torch.cartesian_prod(*[torch.arange(V)] * L), V)
+                        .double())
+    B = 20000
+    # student == teacher distribution (a product p*): fake == teacher exactly, so every sample is ~0
+    m, probs = method_for(product(marg), marg, masked, 64)
+    assert abs(m.student_loss(probs).item()) < 1e-9
+    for pi in (marg, torch.softmax(torch.randn(L, V, dtype=torch.float64), -1)):
+        q = product(pi)
+        kl = (q * (q / p_star).log()).sum().item()
+        m, probs = method_for(p_star, pi, masked, B)
+        est = sum(m.student_loss(probs).item() for _ in range(4)) / 4 * L  # per sequence
+        assert kl > 0.05 and est == pytest.approx(kl, rel=0.1), (est, kl)
+
+
+def test_uniform_gradient_matches_the_kl_gradient():
+    """xbar_i / sg(xbar_i) makes the relaxed uniform loss exact in gradient too: E grad = grad KL(q_pi || p*) when
+    no position's prediction depends on the others' draws (a product p*; with correlations the context's own
+    dependence on pi is stop-gradient, as in the paper's MDLM relaxation). Without the factor: cos 0.995, norm -8%."""
+    torch.manual_seed(1)
+    p_star = product(torch.softmax(1.5 * torch.randn(L, V, dtype=torch.float64), -1))
+    logits = torch.randn(L, V, dtype=torch.float64, requires_grad=True)
+    pi = torch.softmax(logits, -1)
+    q = product(pi)
+    (exact,) = torch.autograd.grad((q * (q / p_star).log()).sum(), logits)
+    m, _ = method_for(p_star, pi.detach(), False, 40000)
+    est = sum(torch.autograd.grad(m.student_loss(torch.softmax(logits, -1).expand(40000, L, V)) * L, logits)[0]
+              for _ in range(4)) / 4
+    assert torch.nn.functional.cosine_similarity(est.flatten(), exact.flatten(), 0) > 0.9995
+    assert est.norm().item() == pytest.approx(exact.norm().item(), rel=0.02)
+
+
+def test_soft_uniform_terms_match_nelbo_terms_on_one_hot():
+    torch.manual_seed(0)
+    B, N = 4, 5
+    x0, z = torch.randint(0, N, (B, L)), torch.randint(0, N, (B, L))
+    t = torch.rand(B) * 0.9 + 0.05
+    s = get_schedule()
+    a = s.alpha(t)[:, None, None]
+    xth = N * a * torch.softmax(torch.randn(B, L, N), -1) + (1 - a)
+    xbar = N * a * nn.functional.one_hot(x0, N).float() + (1 - a)
+    got = soft_uniform_terms(xth, xbar, z, s.alpha(t), s.dalpha(t))
+    assert torch.allclose(got, nelbo_terms(xth, x0, z, s.alpha(t), s.dalpha(t)), rtol=1e-5, atol=1e-6)
+
+
+# --- the method in the loop, on tiny real teachers -------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["mdlm", "uniform"])
+def teacher(request, pydoc_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / request.param
+    pretrain(load(f"tiny_{request.param}", tiny_overrides(pydoc_data, out, **{"train.max_steps": 6,
+                                                                               "train.lr": 3e-3})))
+    return out
+
+
+def idlm_cfg(teacher, out, **method):
+    cfg = load(None, [f"--train.out_dir={out}", "--train.batch_size=4", "--train.warmup_steps=1",
+                      "--train.log_every=1", "--train.ckpt_every=3", "--train.eval_every=3", "--train.eval_batches=1",
+                      "--train.ema=0.9", "--train.lr=1e-3"])
+    cfg.method = {"name": "idlm", "teacher": str(teacher), "steps": 3, "student_steps": 2, **method}
+    return cfg
+
+
+def state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Only:
+    """The method with one of its losses dropped: the loop then steps only that module's optimiser."""
+
+    def __init__(self, method, keep):
+        self.m, self.keep = method, keep
+
+    def trainable(self):
+        return self.m.trainable()
+
+    def step(self, x0, step):
+        losses, logs = self.m.step(x0, step)
+        return {self.keep: losses[self.keep]}, logs
+
+
+@pytest.mark.parametrize("keep", ["fake", "student"])
+def test_each_loss_moves_only_its_own_module(teacher, tmp_path, keep):
+    run = prepare(idlm_cfg(teacher, tmp_path / keep, steps=1), "cpu")
+    m = run["method"]
+    with torch.no_grad():  # f_hat = f* makes the student loss and its gradient exactly 0: move the fake first
+        for p in m.fake.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    before = {n: state(x) for n, x in {"teacher": run["teacher"], **m.trainable()}.items()}
+    fit(Only(m, keep), run["cfg"], train_data=run["train"], meta=run["meta"], device=torch.device("cpu"))
+    after = {n: state(x) for n, x in {"teacher": run["teacher"], **m.trainable()}.items()}
+    other = "student" if keep == "fake" else "fake"
+    assert same(after["teacher"], before["teacher"]) and same(after[other], before[other])
+    assert not same(after[keep], before[keep])
+
+
+def test_losses_have_no_graph_into_the_other_module(teacher, tmp_path):
+    run = prepare(idlm_cfg(teacher, tmp_path / "g"), "cpu")
+    m = run["method"]
+    with torch.no_grad():
+        for p in m.fake.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    losses, _ = m.step(run["train"].batch(0, 4), 0)
+    for name, other in (("student", "fake"), ("fake", "student")):
+        ps = [p for p in m.trainable()[other].parameters()]
+        assert all(g is None for g in torch.autograd.grad(losses[name], ps, allow_unused=True, retain_graph=True))
+        own = torch.autograd.grad(losses[name], list(m.trainable()[name].parameters()), allow_unused=True,
+                                  retain_graph=True)
+        assert any(g is not None and g.abs().sum() > 0 for g in own)
+    m.cfg.fake_steps = 2  # fake-only steps in between student steps
+    assert set(m.step(run["train"].batch(0, 4), 0)[0]) == {"fake"}
+    assert set(m.step(run["train"].batch(1, 4), 1)[0]) == {"student", "fake"}
+
+
+def test_distill_end_to_end_and_student_samples(teacher, tmp_path):
+    out = tmp_path / "run"
+    t_before = state(checkpoint.load_model(teacher)[0])
+    summary = distill(idlm_cfg(teacher, out))
+    assert summary["method"] == "idlm" and summary["steps"] == 3
+    rows = [json.loads(ln) for ln in open(out / "log.jsonl")]
+    assert all(math.isfinite(r["loss/student"]) and math.isfinite(r["loss/fake"]) for r in rows if "lr" in r)
+    model, meta = checkpoint.load_model(out)
+    tmeta = checkpoint.load_model(teacher)[1]
+    assert meta["name"] == "student_ema" and meta["kind"] == tmeta["kind"]
+    assert same(state(checkpoint.load_model(teacher)[0]), t_before)
+    x = generate(model, meta, n=3, steps=2, seed=0)
+    assert x.shape == (3, tmeta["model"]["seq_len"]) and int(x.max()) < tmeta["model"]["vocab_size"]
