@@ -104,7 +104,7 @@ def acceptance(rows: list[dict], steps: int = 4, tol: float = 0.05) -> list[str]
     t_ref = max((r["steps"] for r in rows if r["name"] == "teacher"), default=None)
     t4, tref = get("teacher", steps), get("teacher", t_ref)
     out = []
-    for name in dict.fromkeys(r["name"] for r in rows if r["name"] != "teacher"):
+    for name in dict.fromkeys(r["name"] for r in rows if not r["name"].startswith("teacher")):
         s4 = get(name, steps)
         if not (s4 and t4 and tref):
             continue
