@@ -54,22 +54,11 @@ class OracleDenoiser(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         B, L = x_t.shape
-        V, P = self.chain.V, self.chain.P
+        V = self.chain.V
         obs = torch.ones(B, L, V, dtype=torch.float64)  # evidence: 1 everywhere for a mask, one-hot if observed
         known = x_t != self.mask_id
         obs[known] = torch.nn.functional.one_hot(x_t[known], V).double()
-        fwd = torch.empty(B, L, V, dtype=torch.float64)
-        bwd = torch.ones(B, L, V, dtype=torch.float64)
-        fwd[:, 0] = self.chain.pi * obs[:, 0]
-        fwd[:, 0] /= fwd[:, 0].sum(-1, keepdim=True)
-        for i in range(1, L):
-            f = (fwd[:, i - 1] @ P) * obs[:, i]
-            fwd[:, i] = f / f.sum(-1, keepdim=True)
-        for i in range(L - 2, -1, -1):
-            b = (bwd[:, i + 1] * obs[:, i + 1]) @ P.T
-            bwd[:, i] = b / b.sum(-1, keepdim=True)
-        post = fwd * bwd
-        post = post / post.sum(-1, keepdim=True)  # (B, L, V)
+        post = posterior_marginals(self.chain, obs)  # (B, L, V)
         log_p = torch.full((B, L, V + 1), NEG_INF, dtype=torch.float32)
         log_p[..., :V] = post.clamp_min(1e-300).log().float()
         return log_p
