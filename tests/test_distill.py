@@ -22,7 +22,15 @@ SMALL = {
     "sdtt": {"teacher_steps": 8, "student_steps": 2, "round_steps": 2, "groups": 2},
     "boot": {"start_steps": 4, "min_steps": 1, "round_steps": 2},
     "idlm": {"steps": 3, "student_steps": 2},
+    "didi": {"steps": 3, "group": 2, "teacher_steps": 2, "disc_blocks": 1},
+    "tcs": {"steps": 3, "init": "scratch", "top_k": 4},  # AR teachers: see teacher_for
+    "onpolicy": {"steps": 3, "init": "scratch", "decode_steps": 4, "states": 2, "top_k": 4},
 }
+
+
+def teacher_for(name, teacher, ar_ckpt):
+    """The MDLM teacher, or the AR one for methods that distill an autoregressive teacher (tcs, onpolicy)."""
+    return ar_ckpt if getattr(METHODS[name], "teacher_kinds", None) == ("ar",) else teacher
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +68,8 @@ def test_every_method_has_small_settings():
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_trains_only_the_student_and_keeps_the_teacher(teacher, tmp_path, name):
-    cfg = distill_cfg(teacher, tmp_path / name, name)
+def test_method_trains_only_the_student_and_keeps_the_teacher(teacher, ar_ckpt, tmp_path, name):
+    cfg = distill_cfg(teacher_for(name, teacher, ar_ckpt), tmp_path / name, name)
     run = prepare(cfg, "cpu")
     method, t_model = run["method"], run["teacher"]
     t_before, s_before = state(t_model), state(method.student)
@@ -80,8 +88,9 @@ def test_method_trains_only_the_student_and_keeps_the_teacher(teacher, tmp_path,
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_student_checkpoint_round_trips_and_samples(teacher, tmp_path, name):
+def test_student_checkpoint_round_trips_and_samples(teacher, ar_ckpt, tmp_path, name):
     out = tmp_path / name
+    teacher = teacher_for(name, teacher, ar_ckpt)
     cfg = distill_cfg(teacher, out, name)
     summary = distill(cfg)
     assert summary["method"] == name and summary["data_free"] == METHODS[name].data_free
@@ -91,8 +100,8 @@ def test_student_checkpoint_round_trips_and_samples(teacher, tmp_path, name):
     assert model.time_conditioned == METHODS[name].Config().time_cond
     raw, _ = checkpoint.load_model(out, name="student")
     tspec = checkpoint.load_model(teacher)[1]["model"]
-    assert {k: v for k, v in meta["model"].items() if k != "time_cond"} == \
-        {k: v for k, v in tspec.items() if k != "time_cond"}
+    assert {k: v for k, v in meta["model"].items() if k not in ("time_cond", "kind")} == \
+        {k: v for k, v in tspec.items() if k not in ("time_cond", "kind")}
     x = generate(model, meta, n=3, steps=2, seed=0)
     assert x.shape == (3, tspec["seq_len"]) and int(x.max()) < tspec["vocab_size"]  # no mask token left
     assert torch.equal(x, generate(model, meta, n=3, steps=2, seed=0))

@@ -54,15 +54,19 @@ def cmd_sample(args) -> None:
 
     from fewstep.checkpoint import load_model
     from fewstep.data import get_tokenizer
+    from fewstep.diffusion.schedule import get_schedule
+    from fewstep.distill.didi import rgas_from_args
     from fewstep.eval.entropy import unigram_entropy
     from fewstep.pipeline import generate
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_model(args.ckpt, device)
     tok = get_tokenizer(meta["data"]["tokenizer"])
+    guidance = rgas_from_args(args, model, get_schedule(meta["model"].get("schedule", "loglinear")), device)
     t0 = time.perf_counter()
     x = generate(model, meta, n=args.n, steps=args.steps, length=args.length, batch=args.batch, seed=args.seed,
-                 greedy_tail=args.greedy_tail, temperature=args.temperature, top_p=args.top_p, device=device)
+                 greedy_tail=args.greedy_tail, temperature=args.temperature, top_p=args.top_p, device=device,
+                 guidance=guidance)
     elapsed = time.perf_counter() - t0
     ent = unigram_entropy(x)
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
@@ -71,7 +75,8 @@ def cmd_sample(args) -> None:
     if args.out:
         out.close()
     info = {"ckpt": meta["ckpt"], "kind": meta["kind"], "steps": args.steps if meta["kind"] != "ar" else None,
-            "n": args.n, "seconds": elapsed, "entropy": float(ent.mean()), "greedy_tail": args.greedy_tail}
+            "n": args.n, "seconds": elapsed, "entropy": float(ent.mean()), "greedy_tail": args.greedy_tail,
+            "sampler": "rgas" if guidance is not None else "ancestral"}
     print(json.dumps(info), file=sys.stderr)
 
 
@@ -163,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ids", action="store_true", help="also write token ids")
     s.add_argument("--device", default=None)
     s.add_argument("--out", default=None)
+    from fewstep.eval.bench import add_guide_args
+
+    add_guide_args(s)
     s.set_defaults(fn=cmd_sample, config=None)
 
     m = sub.add_parser("demo", help="end to end on CPU: data, tiny MDLM + AR, sampling table")

@@ -67,8 +67,9 @@ def _check_sampling(*, n, steps, length, batch, seed, temperature, top_p) -> Non
 @torch.no_grad()
 def generate(model, meta: dict, *, n: int, steps: int, length: int | None = None, batch: int | None = None,
              seed: int = 0, greedy_tail: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             precision: str = "fp32", device=None) -> torch.Tensor:
-    """n samples (n, L) from a loaded checkpoint: ancestral sampling for DLMs, KV-cached sampling for AR."""
+             precision: str = "fp32", device=None, guidance=None) -> torch.Tensor:
+    """n samples (n, L) from a loaded checkpoint: ancestral sampling for DLMs, KV-cached sampling for AR.
+    guidance: a sampling hook for masked DLMs (diffusion/sampling.sample), e.g. DiDi-Instruct's RGAS."""
     from fewstep.ar import ar_sample
     from fewstep.diffusion.sampling import sample
     from fewstep.diffusion.schedule import get_schedule
@@ -88,7 +89,7 @@ def generate(model, meta: dict, *, n: int, steps: int, length: int | None = None
         elif meta["kind"] in ("mdlm", "uniform"):
             x = sample(model, get_schedule(spec.get("schedule", "loglinear")), batch=b, length=length,
                        steps=steps, mask_id=model.mask_id, greedy_tail=greedy_tail, temperature=temperature,
-                       top_p=top_p, generator=gen, device=device, precision=precision)
+                       top_p=top_p, generator=gen, device=device, precision=precision, guidance=guidance)
         else:
             raise FewstepError(f"cannot sample a model of kind '{meta['kind']}'")
         out.append(x.cpu())

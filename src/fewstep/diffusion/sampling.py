@@ -6,15 +6,35 @@ silently lowers the effective temperature, which lowers entropy and flatters gen
 
 Ancestral MDLM step from t to s < t (Sahoo et al. 2024, Eq. 7): a masked position stays masked with probability
 (1 - alpha_s)/(1 - alpha_t) and is otherwise unmasked to v with probability (alpha_s - alpha_t)/(1 - alpha_t) *
-p_theta(x0 = v | x_t); unmasked positions never change. At s = 0 nothing stays masked.
+p_theta(x0 = v | x_t); unmasked positions never change. At s = 0 nothing stays masked. The step is drawn in two
+stages with the same law: first which masked positions unmask (a float64 Bernoulli per position), then a token
+for those positions only, so the float64 vocabulary-wide draw costs B L V once per sample, not once per step.
+Vocabulary-wide float64 work is done in chunks of rows of at most `DRAW_CHUNK` elements to bound memory.
 
 Uniform-state models (mask_id=None) start from uniform noise and draw every position from the posterior
 q(z_s | z_t, x_theta) of diffusion/uniform.py (UDLM/Duo ancestral sampler).
+
+Guidance (masked models only) is a hook, not a second sampler: an object with `tilt(k, steps, t, s, x_t, log_p)
+-> log_p` (may reshape the prediction before the step) and `draw(k, steps, s, x_t, rows, log_p_rows, generator)
+-> tokens (N,)` (may replace the token draw `draw_rows(log_p_rows, ...)` for the N flat positions `rows` of x_t
+that unmask at this step, e.g. by re-ranking candidates). DiDi-Instruct's reward-guided ancestral sampler
+(distill/didi.py, `RGAS`) is one; with zero guidance it returns log_p unchanged and draws exactly like the plain
+sampler, so the tokens are bit-identical for the same seed (tests/test_didi.py).
+
+Confidence-based unmasking (`unmask="confidence"`, masked models only; LLaDA's low-confidence remasking, Nie et
+al. 2025): at each step a token is drawn (float64) at every masked position, and only the n = round(move * M) drawn
+tokens the model is most confident in (largest p_theta(x0^l = drawn | x_t)) are kept, with M the masked positions
+and move = (alpha_s - alpha_t) / (1 - alpha_t) the ancestral step's expected unmasking fraction (so the count of
+tokens per step follows the schedule; all at s = 0). `block` > 0 adds block-wise (semi-autoregressive) decoding:
+blocks of `block` positions are decoded left to right, each with steps / n_blocks steps on its own grid 1 -> 0, and
+only the current block's masked positions may unmask. The default `unmask="random", block=0` is the ancestral
+sampler above, unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -43,6 +63,23 @@ def filter_probs(log_p: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     return p
 
 
+DRAW_CHUNK = 2**26  # float64 elements per chunk of rows (512 MiB): bounds the draw's memory at any batch size
+
+
+def draw_rows(log_p: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, generator=None, probs_fn=None):
+    """Tokens (N,) drawn in float64 from rows of log-probabilities (N, V), chunk by chunk of rows.
+
+    probs_fn(p, rows) -> unnormalised probabilities maps each chunk's filtered float64 probabilities p (rows: the
+    chunk's slice of the N rows) before the draw; the uniform-state posterior uses it.
+    """
+    n = max(1, DRAW_CHUNK // log_p.shape[-1])
+    out = []
+    for i in range(0, log_p.shape[0], n):
+        p = filter_probs(log_p[i : i + n], temperature, top_p)
+        out.append(sample_categorical(p if probs_fn is None else probs_fn(p, slice(i, i + n)), generator))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=log_p.device)
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "bf16" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -69,6 +106,9 @@ def sample(
     precision: str = "fp32",
     return_trajectory: bool = False,
     on_step=None,
+    guidance=None,
+    unmask: str = "random",
+    block: int = 0,
 ):
     """Ancestral sampling of a masked denoiser `model(x_t, t) -> log p(x0 | x_t)` from the all-mask state.
 
@@ -77,15 +117,21 @@ def sample(
     last prediction when no token changed and the model is not time-conditioned (MDLM's ddpm_cache); None picks
     it automatically. on_step: called as on_step(k, t, s, x_t, log_p, x_s) after every step with the model's
     log p(x0 | x_t) (B, L, V) that drove it (distillation targets read the teacher's predictions from it).
+    guidance: an object with `tilt` and `draw` (module docstring), or None for the plain ancestral sampler.
+    unmask: "random" (ancestral) or "confidence"; block: block length for block-wise decoding (0 = one block); both
+    are described in the module docstring (confidence-based decoding; masked models only).
     Returns x0 (B, L), or (x0, trajectory) with trajectory a list of steps + 1 states.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    pairs, blocks = _confidence_plan(unmask, block, steps, length, times, mask_id, guidance)
     if times is None:
         times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     if len(times) != steps + 1:
         raise ValueError(f"times must have steps + 1 = {steps + 1} points, got {len(times)}")
     if cache is None:
         cache = not getattr(model, "time_conditioned", True)
+    if guidance is not None and mask_id is None:
+        raise ValueError("guidance is implemented for masked (absorbing) models only")
     if x_init is not None:
         x = x_init.clone().to(device)
     elif mask_id is None:  # uniform-state prior
@@ -94,35 +140,84 @@ def sample(
     else:
         x = torch.full((batch, length), mask_id, dtype=torch.long, device=device)
     trajectory = [x.clone()] if return_trajectory else None
-    log_p, changed = None, True
+    pred, changed = None, True
     for k in range(steps):
-        t, s = float(times[k]), float(times[k + 1])
-        if log_p is None or changed or not cache:
+        t, s = (float(times[k]), float(times[k + 1])) if pairs is None else pairs[k]
+        if pred is None or changed or not cache:
             with autocast(device, precision):
-                log_p = model(x, torch.full((x.shape[0],), t, device=device))  # (B, L, V)
+                pred = model(x, torch.full((x.shape[0],), t, device=device))  # (B, L, V)
+        log_p = pred if guidance is None else guidance.tilt(k, steps, t, s, x, pred)  # the cache keeps pred
         a_t, a_s = _alpha(schedule, t), _alpha(schedule, s)
         if mask_id is None:
-            x = log_p.argmax(-1) if k == steps - 1 and greedy_tail else sample_categorical(
-                posterior_probs(filter_probs(log_p, temperature, top_p), x, a_s if s > 0 else 1.0, a_t), generator)
+            if k == steps - 1 and greedy_tail:
+                x = log_p.argmax(-1)
+            else:
+                post = functools.partial(_posterior_rows, z_t=x.reshape(-1), alpha_s=a_s if s > 0 else 1.0, alpha_t=a_t)
+                x = draw_rows(log_p.flatten(0, 1), temperature, top_p, generator, post).view_as(x)
             if trajectory is not None:
                 trajectory.append(x.clone())
             continue
         masked = x == mask_id  # (B, L)
         if k == steps - 1 and greedy_tail:
-            x0 = log_p.argmax(-1)
+            x_new, changed = torch.where(masked, log_p.argmax(-1), x), True  # unmasked tokens never change
+        elif unmask == "confidence":
+            eligible = masked if blocks is None else masked & blocks[k].to(x.device)  # (B, L)
+            move = 1.0 if s <= 0 else (a_s - a_t) / (1 - a_t)
+            x_new = confidence_step(log_p, x, eligible, move, temperature, top_p, generator)
+            changed = bool((x_new != x).any())
         else:
-            p = filter_probs(log_p, temperature, top_p)  # (B, L, V) float64
-            q = p * ((a_s - a_t) / (1 - a_t))
-            q[..., mask_id] = 0.0 if s <= 0 else (1 - a_s) / (1 - a_t)  # at s = 0 nothing stays masked
-            x0 = sample_categorical(q, generator)
-        x_new = torch.where(masked, x0, x)  # unmasked tokens never change
-        changed = bool((x_new != x).any()) if cache else True
+            move = 1.0 if s <= 0 else (a_s - a_t) / (1 - a_t)  # P(masked -> token); at s = 0 nothing stays masked
+            u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
+            rows = (masked & (u < move)).reshape(-1).nonzero().squeeze(1)  # (N,) flat positions unmasking now
+            lp = log_p.flatten(0, 1)[rows]  # (N, V)
+            x_new = x.reshape(-1).clone()  # only the N masked positions are written: unmasked tokens never change
+            x_new[rows] = draw_rows(lp, temperature, top_p, generator) if guidance is None else guidance.draw(
+                k, steps, s, x, rows, lp, generator)
+            x_new, changed = x_new.view_as(x), rows.numel() > 0
         if on_step is not None:
             on_step(k, t, s, x, log_p, x_new)
         x = x_new
         if trajectory is not None:
             trajectory.append(x.clone())
     return (x, trajectory) if return_trajectory else x
+
+
+def _confidence_plan(unmask, block, steps, length, times, mask_id, guidance):
+    """(t, s) per step and the positions each step may unmask (L,) for block-wise decoding; (None, None) if plain."""
+    if unmask not in ("random", "confidence"):
+        raise ValueError(f"unmask must be 'random' or 'confidence', got {unmask!r}")
+    if unmask == "confidence" and (mask_id is None or guidance is not None):
+        raise ValueError("confidence-based unmasking is implemented for masked models without guidance")
+    if block <= 0 or block >= length:
+        return None, None
+    if unmask != "confidence" or times is not None:
+        raise ValueError("block-wise decoding needs unmask='confidence' and its own per-block time grid")
+    n_blocks = -(-length // block)
+    if steps % n_blocks:
+        raise ValueError(f"steps={steps} must be a multiple of the {n_blocks} blocks of {block} positions")
+    per = steps // n_blocks
+    grid = time_grid(per)
+    pairs = [(float(grid[j]), float(grid[j + 1])) for _ in range(n_blocks) for j in range(per)]
+    pos = torch.arange(length)
+    blocks = [(pos // block == k // per) for k in range(steps)]  # (L,) bool each
+    return pairs, blocks
+
+
+def confidence_step(log_p, x, eligible, move: float, temperature=1.0, top_p=1.0, generator=None):
+    """One confidence-based step: draw at every eligible position, keep the round(move * #eligible) most confident
+    draws per row (all of them when move = 1), leave the rest masked. log_p (B, L, V), x and eligible (B, L)."""
+    B, L = x.shape
+    rows = eligible.reshape(-1).nonzero().squeeze(1)  # (N,) flat eligible positions
+    lp = log_p.flatten(0, 1)[rows]  # (N, V)
+    tok = draw_rows(lp, temperature, top_p, generator)  # (N,)
+    conf = torch.full((B * L,), -float("inf"), dtype=torch.float64, device=x.device)
+    conf[rows] = lp.gather(-1, tok[:, None]).squeeze(1).double()  # log p_theta of the drawn token
+    count = eligible.sum(1)  # (B,)
+    n = count if move >= 1 else torch.floor(count * move + 0.5).long()
+    rank = conf.view(B, L).argsort(dim=-1, descending=True, stable=True).argsort(-1)  # (B, L): 0 = most confident
+    drawn = x.reshape(-1).clone()
+    drawn[rows] = tok
+    return torch.where(eligible & (rank < n[:, None]), drawn.view(B, L), x)
 
 
 def time_grid(steps: int, t_start: float = 1.0, t_end: float = 0.0) -> torch.Tensor:
@@ -133,6 +228,10 @@ def time_grid(steps: int, t_start: float = 1.0, t_end: float = 0.0) -> torch.Ten
     from here; `time_grid(steps)` is sample()'s default grid.
     """
     return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
+
+
+def _posterior_rows(p: torch.Tensor, rows: slice, *, z_t: torch.Tensor, alpha_s: float, alpha_t: float):
+    return posterior_probs(p, z_t[rows], alpha_s, alpha_t)  # (N, V): the uniform-state posterior of these rows
 
 
 def _alpha(schedule, t: float) -> float:

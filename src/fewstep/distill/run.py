@@ -6,6 +6,11 @@ weights, "scratch", or another checkpoint of the same shape, e.g. a previous stu
 is the teacher's (plus time conditioning when the method asks for it), and the tokenizer and data dir come from
 the teacher's checkpoint, so a distill config has no [model] or [data] table. Checkpoints hold "student" (and
 "student_ema"), which `load_model` picks, so `fewstep sample/eval/bench --ckpt` work on students unchanged.
+
+Methods with `teacher_kinds = ("ar",)` (tcs, onpolicy) take an autoregressive teacher instead (`_ar_teacher`): a
+fewstep "ar" checkpoint, "smollm2" or "hf:<path or id>". Their student is a masked DLM of the teacher's tokenizer
+and vocabulary, shaped by [model] if given, else like the fewstep teacher (HF teacher: ModelConfig defaults);
+`init` is "scratch" or a DLM checkpoint with the same tokenizer; the data dir must use the teacher's tokenizer.
 """
 
 from __future__ import annotations
@@ -121,6 +126,46 @@ def _data_dir(cfg: RunConfig, tmeta: dict) -> str:
     return cfg.data.dir
 
 
+def _same_tokenizer(what: str, tok, tmeta: dict) -> None:
+    if tok != tmeta["data"]["tokenizer"]:
+        raise FewstepError(f"{what} uses tokenizer {tok!r} but the teacher {tmeta['ckpt']} uses "
+                           f"{tmeta['data']['tokenizer']!r}: student and teacher must share one tokenizer")
+
+
+def _data_tokenizer(data_dir: str):
+    from fewstep.data import load_meta
+
+    if not (Path(data_dir) / "meta.json").is_file():
+        raise FewstepError(f"data dir {data_dir} is not built: fewstep data --data.dir={data_dir} "
+                           "--data.tokenizer=<the teacher's tokenizer>")
+    return load_meta(data_dir).get("tokenizer")
+
+
+def _ar_teacher(cfg: RunConfig, common: Common, device):
+    """(frozen ARTeacher, its meta, the student's spec) for an autoregressive teacher (module doc)."""
+    from fewstep.distill.ar_teacher import load_ar_teacher
+    from fewstep.models import model_spec
+
+    if common.init == "teacher":
+        raise FewstepError("an autoregressive teacher cannot initialise a diffusion student: set method.init to "
+                           "'scratch' or a DLM checkpoint with the teacher's tokenizer")
+    teacher, tmeta = load_ar_teacher(common.teacher, device)
+    if common.init != "scratch" and Path(common.init).exists():
+        init_tok = checkpoint.read_meta(checkpoint.resolve(common.init)).get("data", {}).get("tokenizer")
+        _same_tokenizer(f"student init {common.init}", init_tok, tmeta)
+    if cfg.model != ModelConfig():
+        base = cfg.model
+    elif tmeta["model"] is not None:
+        base = _spec_config(tmeta["model"])
+    else:
+        base = ModelConfig()
+    base = dataclasses.replace(base, kind="mdlm", vocab_size=0)
+    if base.seq_len > teacher.max_len:
+        raise FewstepError(f"model.seq_len={base.seq_len} exceeds the teacher's context of {teacher.max_len}")
+    tmeta["data"].setdefault("dir", cfg.data.dir)
+    return teacher, tmeta, model_spec(base, tmeta["data"]["vocab_size"])
+
+
 def prepare(cfg: RunConfig, device, rank: int = 0, world: int = 1) -> dict:
     """Everything `fit` needs for a distillation run: {"cfg", "method", "train", "val", "meta", "teacher"}.
 
@@ -133,11 +178,15 @@ def prepare(cfg: RunConfig, device, rank: int = 0, world: int = 1) -> dict:
 
     cfg = copy.deepcopy(cfg)
     Method, mcfg, common = parse_method(cfg.method)
-    if cfg.model != ModelConfig():
+    ar = getattr(Method, "teacher_kinds", ("mdlm",)) == ("ar",)
+    if cfg.model != ModelConfig() and not ar:
         raise FewstepError("the student's model comes from the teacher checkpoint: remove [model] settings from "
                            "a distill config")
-    teacher, tmeta = load_teacher(common.teacher, device, getattr(Method, "teacher_kinds", ("mdlm",)))
-    tspec = tmeta["model"]
+    if ar:
+        teacher, tmeta, tspec = _ar_teacher(cfg, common, device)
+    else:
+        teacher, tmeta = load_teacher(common.teacher, device, getattr(Method, "teacher_kinds", ("mdlm",)))
+        tspec = tmeta["model"]
     student, scfg = build_student(common, teacher, tspec, getattr(mcfg, "time_cond", False), device, cfg.train.seed)
     cfg.model = scfg
     tc = cfg.train
@@ -153,6 +202,8 @@ def prepare(cfg: RunConfig, device, rank: int = 0, world: int = 1) -> dict:
         from fewstep.data import TokenBlocks
 
         cfg.data.dir = _data_dir(cfg, tmeta)
+        if ar:
+            _same_tokenizer(f"data.dir {cfg.data.dir}", _data_tokenizer(cfg.data.dir), tmeta)
         train = TokenBlocks(cfg.data.dir, "train", scfg.seq_len, cfg.data.unique_tokens)
         val = TokenBlocks(cfg.data.dir, "val", scfg.seq_len)
     cfg.data.tokenizer = tmeta["data"].get("tokenizer", cfg.data.tokenizer)

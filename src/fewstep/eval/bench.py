@@ -76,17 +76,20 @@ def _oom(e: BaseException) -> bool:
 
 
 @torch.no_grad()
-def time_dlm(model, *, batch, length, steps, device, precision="fp32", repeats=1, schedule="loglinear") -> dict:
-    """Latency of sampling one (batch, length) from all-mask in `steps` ancestral steps (no warm-up here)."""
+def time_dlm(model, *, batch, length, steps, device, precision="fp32", repeats=1, schedule="loglinear",
+             guidance=None) -> dict:
+    """Latency of sampling one (batch, length) from all-mask in `steps` ancestral steps (no warm-up here);
+    with `guidance` (DiDi-Instruct's RGAS) the guided sampler, discriminator calls included."""
     from fewstep.diffusion.sampling import sample
     from fewstep.diffusion.schedule import get_schedule
 
     gen = torch.Generator(device=device).manual_seed(0)
     fn = lambda: sample(model, get_schedule(schedule), batch=batch, length=length, steps=steps,
-                        mask_id=model.mask_id, generator=gen, device=device, precision=precision)
+                        mask_id=model.mask_id, generator=gen, device=device, precision=precision, guidance=guidance)
     _, sec, times = timed(fn, device=device, warmup=0, repeats=repeats)
-    return _row("mdlm", "mdlm", "ancestral", batch=batch, length=length, seconds=sec, times=times, device=device,
-                precision=precision, steps=steps, greedy_tail=False, sampling_dtype="float64")
+    return _row("mdlm", "mdlm", "ancestral" if guidance is None else "rgas", batch=batch, length=length,
+                seconds=sec, times=times, device=device, precision=precision, steps=steps, greedy_tail=False,
+                sampling_dtype="float64")
 
 
 @torch.no_grad()
@@ -122,7 +125,7 @@ def time_hf(lm, *, batch, length, device, precision="fp32", repeats=1, warmup=1)
 
 
 def run_bench(dlm, ar=None, hf=None, *, steps, batches, length, lengths=(), sweep_steps=(1,), device,
-              precision="fp32", repeats=1, warmup=1, log=print) -> list[dict]:
+              precision="fp32", repeats=1, warmup=1, log=print, guidance=None) -> list[dict]:
     """The whole grid: DLM at steps x batches, AR and HF at each batch, then the length sweep (smallest batch).
 
     A setting that runs out of memory gives a row with error="oom" instead of ending the run.
@@ -132,7 +135,7 @@ def run_bench(dlm, ar=None, hf=None, *, steps, batches, length, lengths=(), swee
 
     def attempt(fn, model, **kw):
         try:
-            row = fn(model, **common, **kw)
+            row = fn(model, **common, **kw, **({"guidance": guidance} if fn is time_dlm and guidance else {}))
         except RuntimeError as e:
             if not _oom(e):
                 raise
@@ -221,6 +224,18 @@ def add_args(p) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--device", default=None)
+    add_guide_args(p)
+
+
+def add_guide_args(p) -> None:
+    """`--guide` options of `fewstep sample` and `fewstep bench`: DiDi-Instruct's reward-guided ancestral sampler
+    (distill/didi.py, RGAS); defaults are the reference implementation's settings."""
+    p.add_argument("--guide", default=None, help="DiDi-Instruct run or step dir: sample with reward-guided "
+                   "ancestral sampling (RGAS) using its discriminator")
+    p.add_argument("--guide-scale", default="30,40", help="RGAS tilt scale h_0,h_1 over the early steps (0,0: none)")
+    p.add_argument("--guide-candidates", type=int, default=4, help="RGAS re-ranking candidates M (1: none)")
+    p.add_argument("--guide-rerank", type=float, default=0.5, help="RGAS: fraction of the steps (the last ones) "
+                   "that re-rank candidates instead of tilting")
 
 
 def bench_from_args(args, log=print) -> tuple[list[dict], dict]:
@@ -243,9 +258,17 @@ def bench_from_args(args, log=print) -> tuple[list[dict], dict]:
     meta = {**info, "git_sha": git_sha(), "device_name": device_name(device), "torch": torch.__version__,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "repeats": args.repeats, "warmup": args.warmup, "command": " ".join(sys.argv)}
+    guidance = None
+    if getattr(args, "guide", None):
+        from fewstep.diffusion.schedule import get_schedule
+        from fewstep.distill.didi import rgas_from_args
+
+        guidance = rgas_from_args(args, dlm, get_schedule(), device)
+        meta.update(guide=args.guide, guide_scale=args.guide_scale, guide_candidates=args.guide_candidates,
+                    guide_rerank=args.guide_rerank)
     log(f"bench on {meta['device_name']} ({precision}), length {length}: {json.dumps(grid)}")
     rows = run_bench(dlm, ar, lm, length=length, device=device, precision=precision, repeats=args.repeats,
-                     warmup=args.warmup, log=log, **grid)
+                     warmup=args.warmup, log=log, guidance=guidance, **grid)
     rows = [{**r, **meta} for r in rows]
     dl = [r for r in rows if r.get("kind") == "mdlm" and "latency_s" in r]
     summary = {**{k: meta[k] for k in ("git_sha", "device_name", "time")}, "preset": args.preset,

@@ -1,0 +1,168 @@
+"""Roofline floor of one denoising step and how close fewstep's step gets to it (GPU; a CPU run is a smoke test).
+
+    python bench/roofline.py --preset owt-small-shape          # ~160M MDLM, batch 1, L = 1024, bf16, H100
+
+Floor of one step (model call + ancestral update) at batch B and length L, from numbers measured in this run:
+  FLOPs  = 2 B L N_mm + 4 B L^2 d n_layers            (N_mm: weights used in matmuls, output head included;
+                                                       the attention term counts Q K^T and A V, bidirectional)
+  bytes  = 2 N_mm + 4 B L V + bytes of the per-layer activations (bf16, each read and written once)
+  floor  = max(FLOPs / R_mm, bytes / BW)               (R_mm: bf16 matmul rate, BW: device-to-device copy rate)
+R_mm is measured twice: on a large 8192^3 product (the device's best) and on this model's own matmul shapes at
+M = B L (what this step can hope for); the floor uses the best rate, the ratio to the shape rate is also given.
+Each variant of the step is timed CUDA-synchronised, median of repeats after warm-up. The last line printed is
+JSON; with --append it is also appended to bench/results/roofline-<preset>.jsonl with the git SHA and device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from fewstep.diffusion.sampling import sample
+from fewstep.diffusion.schedule import get_schedule
+from fewstep.eval.bench import PRESETS, random_models
+from fewstep.eval.speed import device_name, git_sha, timed
+
+
+def matmul_rate(m: int, k: int, n: int, device, repeats: int = 20) -> float:
+    """Measured bf16 FLOP/s of an (m, k) @ (k, n) product."""
+    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
+    _, sec, _ = timed(lambda: [a @ b for _ in range(repeats)], device=device, warmup=2, repeats=3)
+    return 2 * m * k * n * repeats / sec
+
+
+def copy_bandwidth(device, n_bytes: int = 2**30) -> float:
+    """Measured device-to-device copy rate in bytes/s, counting bytes read and written."""
+    x = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    _, sec, _ = timed(lambda: y.copy_(x), device=device, warmup=2, repeats=5)
+    return 2 * x.numel() * 2 / sec
+
+
+def step_cost(model, batch: int, length: int) -> dict:
+    """FLOPs, bytes and matmul shapes of one forward of `model` (a MaskedDenoiser over the fewstep Transformer)."""
+    bb = model.backbone
+    d, n_layers, vocab = bb.embed.weight.shape[1], bb.n_layers, bb.vocab_size
+    mm = [(n, p) for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n]
+    n_mm = sum(p.numel() for _, p in mm)
+    tokens = batch * length
+    flops = 2 * tokens * n_mm + 4 * batch * length**2 * d * n_layers
+    act = 2 * tokens * d * 12 * n_layers * 2  # ~12 (B, L, d) bf16 tensors per layer, each written and read
+    bytes_ = 2 * n_mm + 4 * tokens * vocab + act
+    shapes = [(tokens, p.shape[1], p.shape[0]) for _, p in mm]  # (M, K, N) of every matmul, repeats included
+    return {"flops": flops, "bytes": bytes_, "n_matmul_params": n_mm, "shapes": shapes}
+
+
+def cuda_graph(fn, *args):
+    """Capture fn(*args) (static inputs) in a CUDA graph; returns replay() -> the static output."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(*args)
+
+    def replay():
+        g.replay()
+        return out
+
+    return replay
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="owt-small-shape")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--append", action="store_true", help="append the JSON line to bench/results/")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    length = PRESETS[args.preset]["length"]
+    dlm, _ = random_models(args.preset, device)
+    cost = step_cost(dlm, args.batch, length)
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+
+    r_peak = matmul_rate(8192, 8192, 8192, device, repeats=5 if cuda else 1) if cuda else matmul_rate(
+        512, 512, 512, device, 2)
+    rates = {s: matmul_rate(*s, device, repeats=10) for s in set(cost["shapes"])}
+    t_shapes = sum(2 * m * k * n / rates[(m, k, n)] for m, k, n in cost["shapes"])  # the model's matmuls alone
+    bw = copy_bandwidth(device, 2**30 if cuda else 2**24)
+    floor_compute, floor_memory = cost["flops"] / r_peak, cost["bytes"] / bw
+    floor = max(floor_compute, floor_memory)
+    log(f"R_mm {r_peak / 1e12:.0f} TFLOP/s, BW {bw / 1e12:.2f} TB/s, floor {floor * 1e3:.3f} ms "
+        f"(compute {floor_compute * 1e3:.3f}, memory {floor_memory * 1e3:.3f})")
+
+    x = torch.full((args.batch, length), dlm.mask_id, device=device)
+    t = torch.ones(args.batch, device=device)
+    variants: dict[str, float] = {}
+
+    def time_it(name, fn):
+        try:
+            _, sec, _ = timed(fn, device=device, warmup=3, repeats=args.repeats)
+        except Exception as e:  # a variant that does not run on this device/build is reported, not fatal
+            log(f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            variants[name] = None
+            return
+        variants[name] = sec
+        log(f"{name}: {sec * 1e3:.3f} ms ({sec / floor:.2f}x floor)")
+
+    with torch.no_grad():
+        ac = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+        with ac:
+            time_it("forward fp32 weights + autocast", lambda: dlm(x, t))
+            time_it("backbone only fp32 weights + autocast", lambda: dlm.backbone(x, None))
+        sched = get_schedule("loglinear")
+        gen = torch.Generator(device=device).manual_seed(0)
+        step = lambda m, prec: sample(m, sched, batch=args.batch, length=length, steps=1, mask_id=m.mask_id,
+                                      generator=gen, device=device, precision=prec)
+        time_it("sampler step fp32 weights + autocast", lambda: step(dlm, "bf16"))
+        half = dlm.to(torch.bfloat16)
+        time_it("forward bf16 weights", lambda: half(x, t))
+        time_it("sampler step bf16 weights", lambda: step(half, "fp32"))
+        if cuda:
+            time_it("forward bf16 weights, CUDA graph", cuda_graph(half, x, t))
+        if not args.no_compile:
+            comp = torch.compile(half)
+            time_it("forward bf16 weights, compiled", lambda: comp(x, t))
+            if cuda:
+                time_it("forward bf16 weights, compiled + CUDA graph", cuda_graph(comp, x, t))
+            time_it("sampler step bf16 weights, compiled", lambda: step(comp, "fp32"))
+        logp = half(x, t)
+        from fewstep.diffusion.sampling import filter_probs, sample_categorical
+
+        time_it("float64 draw over (B, L, V)", lambda: sample_categorical(filter_probs(logp), gen))
+
+    ok = {k: v for k, v in variants.items() if v}
+    best_step = min((v for k, v in ok.items() if k.startswith("sampler")), default=None)
+    best_fwd = min((v for k, v in ok.items() if k.startswith("forward")), default=None)
+    row = {"preset": args.preset, "batch": args.batch, "seq_len": length, **{k: cost[k] for k in
+           ("flops", "bytes", "n_matmul_params")}, "matmul_rate_peak": r_peak, "matmul_time_model_shapes_s": t_shapes,
+           "copy_bandwidth": bw, "floor_s": floor, "floor_compute_s": floor_compute, "floor_memory_s": floor_memory,
+           "variants_s": variants, "best_forward_s": best_fwd, "best_step_s": best_step,
+           "best_forward_over_floor": best_fwd / floor if best_fwd else None,
+           "best_step_over_floor": best_step / floor if best_step else None,
+           "git_sha": git_sha(), "device_name": device_name(device), "torch": torch.__version__,
+           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    line = json.dumps(row, default=str)
+    if args.append:
+        out = Path(__file__).parent / "results" / f"roofline-{args.preset}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""DiDi-Instruct: discrete diffusion divergence instruct (Zheng et al., arXiv 2509.25035, Sec. 3).
+
+A few-step student p_nu (initialised from the teacher p_theta) minimises the integral KL between the two models'
+forward marginals q(z_t, t) = sum_x p(x) q(z_t | x), q(z_t | x) = Cat(alpha_t x + (1 - alpha_t) m):
+
+    D_IKL(q_nu || q_theta) = int_0^1 omega(t) KL( q_nu(z_t, t) || q_theta(z_t, t) ) dt
+
+Score-function identity (Thm. 3.1): the student's samples are discrete, so the gradient is a policy gradient,
+
+    grad_nu D_IKL = E_{t ~ pi, x ~ p_nu, z_t ~ q(.|x)} [ omega(t)/pi(t) R(z_t, t) grad_nu log p_nu(x) ],
+    R(z_t, t) = log q_nu(z_t, t) - log q_theta(z_t, t),
+
+with no gradient through the sampling path. Density ratio: a discriminator D_lambda = sigmoid(d_lambda), a copy of
+the teacher backbone (last `disc_blocks` blocks and the final norm trained) with a small MLP head, is trained by
+binary cross-entropy to tell noised teacher samples (label 1) from noised student samples (label 0) at the same t:
+
+    L_D(lambda) = -E_{x' ~ p_theta} log D_lambda(z'_t) - E_{x ~ p_nu} log(1 - D_lambda(z_t)),
+    d*(z_t) = log q_theta(z_t, t) / q_nu(z_t, t) = -R(z_t, t),
+
+so the reward r = d_lambda(z_t) (the paper's "reward = discriminator output") estimates -R. For masked diffusion
+q(z_t, t) = alpha_t^|U| (1 - alpha_t)^(L - |U|) P(x^U = z^U) with U the unmasked positions of z_t, so the ratio
+q_nu / q_theta = P_nu(x^U = z^U) / P_theta(x^U = z^U) does not depend on t: a backbone without time conditioning
+(the usual MDLM teacher) is a complete discriminator. d_lambda(z) = sum_l head(h_l(z)), (B,), the head's last
+layer zero-initialised so that d = 0 (ratio 1) at step 0, which is exact: the student starts as the teacher.
+Label smoothing eps (targets 1 - eps/2, eps/2, the paper's 0.1) turns d* into a bounded monotone function of it.
+
+Grouped reward normalisation (GRPO-style): the B samples of a micro-batch form B/G groups of G that share the
+intermediate time tau and the corruption time t; within group g
+
+    A_i = (r_i - mu_g) / (sigma_g + eps),   mu_g, sigma_g: mean and standard deviation of r over the group,
+
+so A has zero mean and unit variance per group (the reward's t-dependent scale drops out).
+
+Intermediate-state matching (score decomposition): the student's sample is the end of a two-step ancestral
+trajectory m -> z_tau -> x, tau ~ pi(tau) = U[t_min, t_max] (the paper's Beta(1, 1)), and grad log p_nu(x) is
+replaced by the score of the trajectory,
+
+    grad log P_nu(z_tau | m) + grad log P_nu(x | z_tau, tau),
+    log P_nu(z_s | z_t) = sum_{l: z_t^l = m, z_s^l != m} log p_nu(z_s^l | z_t, t) + (terms free of nu),
+
+which is still unbiased (the reward depends on the trajectory only through x: tests/test_didi.py checks the
+estimator against the exact gradient on an enumerable toy) and trains the student at the intermediate states it
+visits. A generalised Jeffrey divergence between student and teacher predictions at those states (the paper's
+regulariser; its exact form is unreleased, this one is ours)
+
+    J_beta = sum_{z in {m, z_tau}} mean_{l: z^l = m} [ beta KL(p_nu^l || p_theta^l)
+                                                      + (1 - beta) KL(p_theta^l || p_nu^l) ]
+
+anchors the student to the teacher there (against mode collapse). Coupled time (the paper's ablation): t = tau.
+With omega = pi (weights omega/pi = 1) the student loss per micro-batch is
+
+    L(nu) = -1/B sum_i A_i log P_nu(traj_i) / L + gamma J_beta.
+
+The loop alternates: every step trains the discriminator on (z'_t, z_t); every `disc_steps`-th step after
+`disc_warmup` also the student, with rewards from the discriminator before that step's update. Real samples x'
+come from the teacher (`real = "teacher"`, `teacher_steps` ancestral steps: the exact IKL target) or from the data
+batch (`real = "data"`, cheaper, the distribution the teacher was fitted to).
+
+Reward-guided ancestral sampling (RGAS, Sec. 3.4; `RGAS` below, a `guidance` hook of diffusion/sampling.sample):
+for the first (1 - rho) N of N steps, gradient tilting of the prediction by the discriminator,
+
+    log p~(x0 | z_t) = log_softmax( log p_nu(x0 | z_t) + h_k clip( grad_{log p} d_lambda(u_s, s), -1, 1 ) ),
+
+on masked positions, h_k ramping from h_0 to h_1, u_s the expected next state E[z_s] (soft tokens: mask with
+probability (1 - alpha_s)/(1 - alpha_t), else p; the reference feeds p itself); for the last rho N steps,
+M candidate ancestral steps z_s^(j) and one of them drawn with probability softmax_j d_lambda(z_s^(j), s) (the
+candidates share which positions unmask, drawn once by the sampler, and differ in the tokens drawn there).
+h = 0 and M = 1 is the plain ancestral sampler, token for token.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fewstep.config import FewstepError
+from fewstep.diffusion.mdlm import nelbo, q_xt, sample_t
+from fewstep.diffusion.sampling import draw_rows, sample, sample_categorical
+from fewstep.distill.common import Setup
+from fewstep.distill.divergences import kl_forward, kl_reverse
+from fewstep.models.transformer import timestep_embedding
+
+
+def group_normalize(r: torch.Tensor, group: int, eps: float = 1e-6) -> torch.Tensor:
+    """(r - mu_g) / (sigma_g + eps) over consecutive groups of `group` entries. r: (B,) -> (B,)."""
+    g = r.view(-1, group)  # (B/G, G)
+    mu, sigma = g.mean(-1, keepdim=True), g.std(-1, unbiased=False, keepdim=True)
+    return ((g - mu) / (sigma + eps)).view(-1)
+
+
+def transition_log_prob(log_p: torch.Tensor, x_t: torch.Tensor, x_s: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """The nu-dependent part of log P_nu(x_s | x_t) of one ancestral step: sum over the positions the step
+    unmasked of log p_nu(x_s^l | x_t). log_p: (B, L, V), x_t, x_s: (B, L) -> (B,)."""
+    new = (x_t == mask_id) & (x_s != mask_id)  # (B, L)
+    lp = log_p.gather(-1, x_s[..., None]).squeeze(-1)  # (B, L)
+    return torch.where(new, lp, torch.zeros_like(lp)).sum(-1)
+
+
+def jeffrey(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta KL(s || t) + (1 - beta) KL(t || s), mean over rows (N, V)."""
+    return beta * kl_reverse(log_s, log_t) + (1 - beta) * kl_forward(log_s, log_t)
+
+
+class Discriminator(nn.Module):
+    """d_lambda(z, t) -> (B,) logit that z (B, L) tokens, or (B, L, V) soft tokens, is a noised teacher sample.
+
+    A copy of the teacher's backbone (frozen except its last `train_blocks` blocks and final norm) whose vocabulary
+    head is replaced by a per-position MLP; the logit is the sum over positions (a log-ratio of sequences).
+    """
+
+    def __init__(self, backbone: nn.Module, train_blocks: int):
+        super().__init__()
+        self.backbone = copy.deepcopy(backbone).requires_grad_(False)
+        self.backbone.head = nn.Identity()  # the vocabulary head is not used
+        blocks = self.backbone.blocks
+        for m in [*blocks[len(blocks) - min(train_blocks, len(blocks)):], self.backbone.norm]:
+            m.requires_grad_(True)
+        D = self.backbone.embed.embedding_dim
+        self.head = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, 1))
+        nn.init.zeros_(self.head[2].weight)  # d = 0 at step 0: the student starts as the teacher
+        nn.init.zeros_(self.head[2].bias)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        bb = self.backbone
+        w = bb.embed.weight  # (V, D)
+        h = bb.embed(z) if z.dtype == torch.long else z.to(w.dtype) @ w  # (B, L, D); soft tokens: expected embedding
+        L = h.shape[1]
+        cos, sin = bb._rope(L, h.device)
+        c = bb.t_mlp(timestep_embedding(t, h.shape[-1]).to(h.dtype)) if bb.time_cond else None  # (B, D)
+        for i, block in enumerate(bb.blocks):
+            h = block(h, c, cos[:L], sin[:L], None, i)
+        h = bb.norm(h)
+        if bb.ada_out is not None:
+            shift, scale = bb.ada_out(F.silu(c))[:, None].chunk(2, dim=-1)
+            h = h * (1 + scale) + shift
+        return self.head(h).squeeze(-1).float().sum(-1)  # (B,)
+
+
+def load_discriminator(path, device="cpu") -> Discriminator:
+    """The discriminator of a DiDi run or step dir (EMA weights when present), in eval mode."""
+    from fewstep import checkpoint
+    from fewstep.config import ModelConfig, section_from_dict
+    from fewstep.models import build_model
+
+    ckpt = checkpoint.resolve(path)
+    meta = checkpoint.read_meta(ckpt)
+    name = next((n for n in ("disc_ema", "disc") if (ckpt / f"{n}.safetensors").is_file()), None)
+    if name is None or "student" not in meta.get("models", {}):
+        raise FewstepError(f"{ckpt} holds no DiDi-Instruct discriminator: guidance needs a checkpoint of "
+                           "`fewstep distill` with method.name = \"didi\"")
+    file = ckpt / f"{name}.safetensors"
+    spec = dict(meta["models"]["student"])
+    vocab = spec.pop("vocab_size")
+    keys = checkpoint.load_tensors(file).keys()
+    spec["time_cond"] = any(k.startswith("backbone.t_mlp") for k in keys)  # the teacher's, not the student's
+    disc = Discriminator(build_model(section_from_dict(ModelConfig, spec, "model"), vocab).backbone, 0)
+    checkpoint.load_into(disc, file)
+    return disc.to(device).eval()
+
+
+class RGAS:
+    """Reward-guided ancestral sampling: the `guidance` hook of diffusion/sampling.sample (module docstring).
+
+    scale: (h_0, h_1), the tilt ramp over the first (1 - rerank) of the steps; candidates: M for the rest.
+    temperature, top_p: the sampler's filter settings (must equal those given to `sample`).
+    """
+
+    def __init__(self, disc: Discriminator, schedule, mask_id: int, scale=(30.0, 40.0), candidates: int = 4,
+                 rerank: float = 0.5, temperature: float = 1.0, top_p: float = 1.0):
+        if candidates < 1 or not 0.0 <= rerank <= 1.0:
+            raise FewstepError(f"RGAS needs candidates >= 1 and 0 <= rerank <= 1, got {candidates}, {rerank}")
+        self.disc, self.schedule, self.mask_id = disc, schedule, mask_id
+        self.scale, self.candidates, self.rerank = tuple(scale), candidates, rerank
+        self.temperature, self.top_p = temperature, top_p  # the draw hook gets no filter settings: pass the same
+
+    def _tilt_steps(self, steps: int) -> int:
+        return int(steps * (1 - self.rerank))  # steps k < this tilt, the others re-rank (the reference's split)
+
+    def _alpha(self, t: float) -> float:
+        return float(self.schedule.alpha(torch.tensor(t, dtype=torch.float64)))
+
+    def tilt(self, k, steps, t, s, x, log_p):
+        n = self._tilt_steps(steps)
+        h = self.scale[0] + (self.scale[1] - self.scale[0]) * k / max(1, n - 1) if k < n else 0.0
+        if h == 0.0:
+            return log_p
+        masked = (x == self.mask_id)[..., None]  # (B, L, 1)
+        a_t, a_s = self._alpha(t), self._alpha(s)
+        keep = (1 - a_s) / (1 - a_t) if s > 0 else 0.0  # probability that a masked position stays masked
+        with torch.enable_grad():
+            lp = log_p.detach().float().requires_grad_(True)
+            stay = F.one_hot(torch.full_like(x, self.mask_id), lp.shape[-1]).float()
+            u = torch.where(masked, keep * stay + (1 - keep) * lp.softmax(-1),
+                            F.one_hot(x, lp.shape[-1]).float())  # (B, L, V) the expected next state
+            (g,) = torch.autograd.grad(self.disc(u, torch.full((x.shape[0],), s, device=x.device)).sum(), lp)
+        g = torch.where(masked, g, torch.zeros_like(g)).clamp(-1.0, 1.0)
+        return (log_p + h * g).log_softmax(-1)
+
+    def draw(self, k, steps, s, x, rows, lp, generator):
+        """Tokens (N,) for the flat positions `rows` (N,) of x (B, L) that unmask now; lp: their (N, V) log p."""
+        M = self.candidates
+        if k < self._tilt_steps(steps) or M == 1 or rows.numel() == 0:
+            return draw_rows(lp, self.temperature, self.top_p, generator)  # exactly the plain sampler's draw
+        B, L = x.shape
+        tok = draw_rows(lp.repeat(M, 1), self.temperature, self.top_p, generator).view(M, -1)  # (M, N)
+        cand = x.reshape(-1).repeat(M, 1)  # (M, B L): the candidate next states z_s^(j)
+        cand[:, rows] = tok
+        cand = cand.view(M, B, L).transpose(0, 1).reshape(B * M, L)  # (B M, L), sequence-major
+        r = self.disc(cand, torch.full((B * M,), s, device=x.device)).view(B, M)  # (B, M)
+        j = sample_categorical(r.double().softmax(-1), generator)  # (B,): one candidate per sequence
+        return tok[j[rows // L], torch.arange(rows.numel(), device=x.device)]
+
+
+def rgas_from_args(args, model, schedule, device) -> RGAS | None:
+    """The RGAS hook that `--guide ...` (eval/bench.add_guide_args) asks for, or None without --guide."""
+    if not getattr(args, "guide", None):
+        return None
+    try:
+        h0, h1 = (float(v) for v in str(args.guide_scale).split(","))
+    except ValueError:
+        raise FewstepError(f"--guide-scale must be two numbers h_0,h_1, got {args.guide_scale!r}") from None
+    if getattr(model, "mask_id", None) is None:
+        raise FewstepError("--guide (RGAS) works with masked diffusion models only")
+    return RGAS(load_discriminator(args.guide, device), schedule, model.mask_id, (h0, h1), args.guide_candidates,
+                args.guide_rerank, getattr(args, "temperature", 1.0), getattr(args, "top_p", 1.0))
+
+
+class DiDi:
+    data_free = False
+
+    @dataclass
+    class Config:
+        steps: int = 500  # optimiser steps when train.max_steps = 0 (paper: 10k at OWT scale)
+        group: int = 4  # G: samples per group sharing (tau, t); rewards are normalised within a group
+        t_min: float = 0.02  # tau ~ U[t_min, t_max] (the paper's Beta(1, 1)); t too when not coupled
+        t_max: float = 0.98
+        coupled_time: bool = True  # corruption time t = tau (the paper's "coupled time")
+        real: str = "teacher"  # teacher | data: where the discriminator's real samples x' come from
+        teacher_steps: int = 32  # the teacher's ancestral steps for x' (real = "teacher")
+        disc_blocks: int = 4  # trained last blocks of the discriminator (the reference: 4 of 12)
+        disc_steps: int = 1  # discriminator updates per student update
+        disc_warmup: int = 0  # discriminator-only steps before the student starts
+        label_smoothing: float = 0.1
+        match_weight: float = 1.0  # gamma: intermediate-state Jeffrey divergence to the teacher
+        match_beta: float = 0.5  # beta: 1 = reverse KL (mode-seeking), 0 = forward KL
+        time_cond: bool = False  # adaLN time conditioning for the student
+
+    def __init__(self, config: Config, setup: Setup):
+        self.cfg, self.s = config, setup
+        c = config
+        if c.group < 2 or setup.batch % c.group:
+            raise FewstepError(f"method.group={c.group} must be >= 2 and divide the micro-batch of {setup.batch}")
+        if not 0.0 < c.t_min <= c.t_max < 1.0:
+            raise FewstepError(f"need 0 < method.t_min <= method.t_max < 1, got {c.t_min}, {c.t_max}")
+        if c.real not in ("teacher", "data"):
+            raise FewstepError(f"method.real must be 'teacher' or 'data', got {c.real!r}")
+        if min(c.steps, c.teacher_steps, c.disc_steps) < 1 or c.disc_warmup < 0 or not 0 <= c.match_beta <= 1:
+            raise FewstepError("method.steps, teacher_steps, disc_steps must be >= 1, disc_warmup >= 0, "
+                               "0 <= match_beta <= 1")
+        self.student, self.teacher = setup.student, setup.teacher
+        self.disc = Discriminator(setup.teacher.backbone, c.disc_blocks)
+
+    def trainable(self):
+        return {"student": self.student, "disc": self.disc}  # student first: the loop validates/EMA-swaps it
+
+    def planned_steps(self) -> int:
+        return self.cfg.steps
+
+    @torch.no_grad()
+    def rollout(self, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student trajectories m -> z_tau -> x, G per group (one tau per group). tau: (B/G,) -> 2 x (B, L)."""
+        z, x = [], []
+        for tg in tau.tolist():
+            _, traj = sample(self.student, self.s.schedule, batch=self.cfg.group, length=self.s.seq_len, steps=2,
+                             mask_id=self.s.mask_id, times=torch.tensor([1.0, tg, 0.0], dtype=torch.float64),
+                             return_trajectory=True)
+            z.append(traj[1])
+            x.append(traj[2])
+        return torch.cat(z), torch.cat(x)
+
+    @torch.no_grad()
+    def real(self, x_data: torch.Tensor) -> torch.Tensor:
+        if self.cfg.real == "data":
+            return x_data
+        return sample(self.teacher, self.s.schedule, batch=x_data.shape[0], length=self.s.seq_len,
+                      steps=self.cfg.teacher_steps, mask_id=self.s.mask_id)
+
+    def student_terms(self, z_tau: torch.Tensor, x: torch.Tensor, tau: torch.Tensor):
+        """(log P_nu(trajectory) (B,), J_beta) with gradients into the student only. tau: (B,)."""
+        B, L, mask = x.shape[0], x.shape[1], self.s.mask_id
+        m = torch.full((1, L), mask, dtype=torch.long, device=x.device)
+        one = torch.ones(1, device=x.device)
+        log_p1 = self.student(m, one)  # (1, L, V): the first step's prediction is the same for every sequence
+        log_pt = self.student(z_tau, tau)  # (B, L, V)
+        log_traj = (transition_log_prob(log_p1.expand(B, -1, -1), m.expand(B, -1), z_tau, mask)
+                    + transition_log_prob(log_pt, z_tau, x, mask))
+        with torch.no_grad():
+            t1, tt = self.teacher(m, one), self.teacher(z_tau, tau)
+        hid = z_tau == mask
+        match = jeffrey(log_p1[0], t1[0], self.cfg.match_beta) + jeffrey(log_pt[hid], tt[hid], self.cfg.match_beta)
+        return log_traj, match, log_p1
+
+    def step(self, x0: torch.Tensor, step: int):
+        c, dev = self.cfg, x0.device
+        B, L, G = x0.shape[0], x0.shape[1], self.cfg.group
+        tau = c.t_min + (c.t_max - c.t_min) * torch.rand(B // G, device=dev)  # (B/G,)
+        t = tau if c.coupled_time else c.t_min + (c.t_max - c.t_min) * torch.rand(B // G, device=dev)
+        tau, t = tau.repeat_interleave(G), t.repeat_interleave(G)  # (B,)
+        z_tau, x = self.rollout(tau[::G])
+        alpha = self.s.schedule.alpha(t)
+        z_fake = q_xt(x, alpha, self.s.mask_id)  # (B, L): noised student samples
+        z_real = q_xt(self.real(x0), alpha, self.s.mask_id)  # same t: the ratio is estimated per noise level
+        d_real, d_fake = self.disc(torch.cat([z_real, z_fake]), torch.cat([t, t])).chunk(2)  # (B,) each
+        eps = c.label_smoothing
+        disc_loss = (F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, 1 - eps / 2))
+                     + F.binary_cross_entropy_with_logits(d_fake, torch.full_like(d_fake, eps / 2)))
+        losses = {"disc": disc_loss}
+        logs = {"disc_loss": disc_loss.detach(), "disc_acc": ((d_real > 0).float().mean() + (d_fake < 0).float()
+                                                              .mean()).detach() / 2,
+                "reward": d_fake.mean().detach(), "reward_std": d_fake.view(-1, G).std(-1).mean().detach()}
+        if step >= c.disc_warmup and (step - c.disc_warmup) % c.disc_steps == c.disc_steps - 1:
+            adv = group_normalize(d_fake.detach(), G)  # A_i, (B,); r = d_lambda(z_t) estimates -R
+            log_traj, match, log_p1 = self.student_terms(z_tau, x, tau)
+            pg = -(adv * log_traj).mean() / L
+            losses["student"] = pg + c.match_weight * match
+            logs.update(pg=pg.detach(), match=match.detach(),
+                        student_entropy=-(log_p1.exp() * log_p1).sum(-1).mean().detach())
+        return {k: losses[k] for k in ("student", "disc") if k in losses}, logs
+
+    @torch.no_grad()
+    def validate(self, x0: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+        """The student's NELBO on held-out text: what distillation costs in likelihood."""
+        t = sample_t(x0.shape[0], x0.device, antithetic=True, generator=generator)
+        nats = nelbo(self.student, self.s.schedule, x0, t, self.s.mask_id, generator).sum().item()
+        return {"nats": nats, "tokens": x0.numel()}
