@@ -27,16 +27,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(Path(__file__).parent / "results"), help="folder of the JSONL files")
     p.add_argument("--no-append", action="store_true", help="print only, do not write bench/results")
     args = p.parse_args(argv)
+    out = Path(args.results) / f"speed-{args.preset or 'ckpt'}.jsonl"
+
+    def append(row: dict) -> None:  # row by row: a run stopped by a time limit keeps what it measured
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+
     try:
-        rows, summary = bench_from_args(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+        rows, summary = bench_from_args(args, log=lambda m: print(m, file=sys.stderr, flush=True),
+                                        on_row=None if args.no_append else append)
     except FewstepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.no_append:
-        out = Path(args.results) / f"speed-{args.preset or 'ckpt'}.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, default=str) + "\n" for r in rows)
         summary["results"] = str(out)
     print(json.dumps(summary, default=str))
     return 0

@@ -15,8 +15,9 @@ from fewstep.diffusion.sampling import autocast, filter_probs, sample_categorica
 def ar_nll(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL per sequence in nats. x: (B, L) -> (B,); L - 1 tokens are predicted."""
     logits = model(x[:, :-1]).float()  # (B, L-1, V)
-    nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (B, L-1)
-    return nll.sum(-1)
+    # Rows of V contiguous classes: the (B, V, L-1) transposed layout makes the kernel read with stride V.
+    nll = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")  # (B (L-1),)
+    return nll.view(x.shape[0], -1).sum(-1)
 
 
 class ARObjective:
@@ -46,6 +47,7 @@ def ar_sample(
     bos_id: int,
     prompt: torch.Tensor | None = None,
     kv_cache: bool = True,
+    cuda_graph: bool | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
@@ -56,18 +58,60 @@ def ar_sample(
 
     With kv_cache the prompt is prefilled once and each new token costs one single-position forward pass;
     without it every step re-runs the whole prefix (the reference the cached path is tested against).
+    cuda_graph (default: on CUDA with kv_cache): the decode step runs on the static cache (models/transformer.py,
+    KVCache) captured once in a CUDA graph and replayed per token; the float64 draw stays outside the graph.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     x = prompt.to(device) if prompt is not None else torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
+    if cuda_graph is None:
+        cuda_graph = kv_cache and device.type == "cuda"
+    if cuda_graph and not kv_cache:
+        raise ValueError("cuda_graph needs kv_cache=True")
     cache = model.new_cache(x.shape[0], x.shape[1] + length, device) if kv_cache else None
-    out = []
-    step_in = x
-    for _ in range(length):
+
+    def forward(inp):
         with autocast(device, precision):
-            logits = model(step_in, cache=cache) if cache is not None else model(x)
-        log_p = logits[:, -1].float().log_softmax(-1)  # (B, V)
+            return model(inp, cache=cache)[:, -1] if cache is not None else model(inp)[:, -1]  # (B, V)
+
+    decode = _graphed_decode(forward, cache, x) if cuda_graph else None
+    out = []
+    logits = forward(x)  # prefill (or the whole prefix without a cache)
+    for i in range(length):
+        log_p = logits.float().log_softmax(-1)  # (B, V)
         nxt = sample_categorical(filter_probs(log_p, temperature, top_p), generator)  # (B,)
         out.append(nxt)
+        if i == length - 1:
+            break
         x = torch.cat([x, nxt[:, None]], dim=1)
-        step_in = nxt[:, None]
+        logits = decode(nxt) if decode is not None else forward(nxt[:, None] if cache is not None else x)
     return torch.stack(out, dim=1)
+
+
+def _graphed_decode(forward, cache, x: torch.Tensor):
+    """decode(token (B,)) -> logits (B, V) of the next position: one static-cache step replayed from a CUDA graph.
+
+    Switched to static mode after the prefill has run (first call); the graph writes K/V at cache.pos_t, which is
+    advanced in place after each replay. The returned logits live in the graph's output buffer until the next call.
+    """
+    state: dict = {}
+
+    def decode(tok: torch.Tensor) -> torch.Tensor:
+        if not state:
+            cache.pos_t = torch.tensor([cache.pos], device=tok.device)
+            state["tok"] = tok[:, None].clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph: writes at pos_t are rewritten by the replay
+                forward(state["tok"])
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                state["out"] = forward(state["tok"])
+            state["graph"] = graph
+        else:
+            cache.pos_t.add_(1)
+        state["tok"].copy_(tok[:, None])
+        state["graph"].replay()
+        return state["out"]
+
+    return decode

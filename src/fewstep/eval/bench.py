@@ -125,10 +125,11 @@ def time_hf(lm, *, batch, length, device, precision="fp32", repeats=1, warmup=1)
 
 
 def run_bench(dlm, ar=None, hf=None, *, steps, batches, length, lengths=(), sweep_steps=(1,), device,
-              precision="fp32", repeats=1, warmup=1, log=print, guidance=None) -> list[dict]:
+              precision="fp32", repeats=1, warmup=1, log=print, guidance=None, on_row=None) -> list[dict]:
     """The whole grid: DLM at steps x batches, AR and HF at each batch, then the length sweep (smallest batch).
 
-    A setting that runs out of memory gives a row with error="oom" instead of ending the run.
+    A setting that runs out of memory gives a row with error="oom" instead of ending the run. on_row(row) is
+    called as each row is final, so a run cut off by a time limit keeps what it measured.
     """
     device = torch.device(device)
     common = dict(device=device, precision=precision)
@@ -146,13 +147,20 @@ def run_bench(dlm, ar=None, hf=None, *, steps, batches, length, lengths=(), swee
         return row
 
     rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
     for b in batches:
         ref = {}
         if ar is not None:
             ref["ar"] = attempt(time_ar, ar, batch=b, length=length, repeats=repeats, warmup=warmup)
         if hf is not None:
             ref["hf"] = attempt(time_hf, hf, batch=b, length=length, repeats=repeats, warmup=warmup)
-        rows += [{**r, "name": f"{r['name']} B={b}"} for r in ref.values()]  # no steps: a reference line
+        for r in ref.values():
+            emit({**r, "name": f"{r['name']} B={b}"})  # no steps: a reference line
         for _ in range(warmup):
             attempt(time_dlm, dlm, batch=b, length=length, steps=2)
         for k in steps:
@@ -160,18 +168,17 @@ def run_bench(dlm, ar=None, hf=None, *, steps, batches, length, lengths=(), swee
             for key, r in ref.items():
                 if "latency_s" in r and "latency_s" in row:
                     row["speedup_vs_ar" if key == "ar" else "speedup_vs_hf"] = r["latency_s"] / row["latency_s"]
-            rows.append({**row, "name": f"mdlm B={b}", "kind": "mdlm", "steps": k, "batch": b})
+            emit({**row, "name": f"mdlm B={b}", "kind": "mdlm", "steps": k, "batch": b})
     b = min(batches)
     for n in lengths:
-        sweep = []
         if ar is not None:
-            sweep.append(attempt(time_ar, ar, batch=b, length=n, repeats=repeats, warmup=warmup))
+            r = attempt(time_ar, ar, batch=b, length=n, repeats=repeats, warmup=warmup)
+            emit({**r, "kind": "length_sweep", "model_kind": r.get("kind", "ar"), "seq_len": n, "batch": b})
         for k in sweep_steps:
             attempt(time_dlm, dlm, batch=b, length=n, steps=min(k, 2))  # warm-up at this shape
             r = attempt(time_dlm, dlm, batch=b, length=n, steps=k, repeats=repeats)
-            sweep.append({**r, "name": f"mdlm T={k}", "steps": k})
-        rows += [{**r, "kind": "length_sweep", "model_kind": r.get("kind", "mdlm"), "seq_len": n, "batch": b}
-                 for r in sweep]
+            emit({**r, "name": f"mdlm T={k}", "steps": k, "kind": "length_sweep", "model_kind": "mdlm",
+                  "seq_len": n, "batch": b})
     return rows
 
 
@@ -223,6 +230,10 @@ def add_args(p) -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--eager", action="store_true", help="CUDA: keep float32 weights under autocast and no CUDA "
+                   "graphs (default: bf16 weights, DLM call and AR decode step replayed from CUDA graphs)")
+    p.add_argument("--compile", action="store_true", help="also torch.compile the DLM's call (the AR decode "
+                   "step stays a CUDA graph of the eager step: compiling it recompiles per position)")
     p.add_argument("--device", default=None)
     add_guide_args(p)
 
@@ -238,8 +249,10 @@ def add_guide_args(p) -> None:
                    "that re-rank candidates instead of tilting")
 
 
-def bench_from_args(args, log=print) -> tuple[list[dict], dict]:
-    """Run the benchmark an argparse namespace describes; returns (rows, summary), rows with provenance."""
+def bench_from_args(args, log=print, on_row=None) -> tuple[list[dict], dict]:
+    """Run the benchmark an argparse namespace describes; returns (rows, summary), rows with provenance.
+
+    on_row(row) receives each row, with its provenance, as soon as it is measured."""
     import importlib.util
 
     if (args.preset is None) == (args.ckpt is None):
@@ -250,6 +263,17 @@ def bench_from_args(args, log=print) -> tuple[list[dict], dict]:
     precision = "bf16" if args.precision != "fp32" and device.type == "cuda" else "fp32"  # autocast: CUDA only
     hf = args.hf or ("random" if args.preset and importlib.util.find_spec("transformers") else None)
     dlm, ar, lm, info = bench_models(args.preset, args.ckpt, args.ar_ckpt, None if hf == "none" else hf, device)
+    fast = device.type == "cuda" and not getattr(args, "eager", False)
+    compile_ = bool(getattr(args, "compile", False))
+    if fast:
+        from fewstep.models.inference import for_inference
+
+        dlm = for_inference(dlm, device, compile=compile_)
+        ar = ar.to(torch.bfloat16) if ar is not None else None
+        lm = lm.to(torch.bfloat16) if lm is not None else None
+    if compile_ and not fast:
+        dlm = torch.compile(dlm)
+    info.update(weights_dtype="bf16" if fast else "fp32", cuda_graphs=fast, dlm_compiled=compile_)
     p = PRESETS.get(args.preset or "", {})
     length = args.length or p.get("length") or dlm.backbone.seq_len
     pick = lambda key, default: _ints(getattr(args, key)) if getattr(args, key) else p.get(key, default)
@@ -268,7 +292,8 @@ def bench_from_args(args, log=print) -> tuple[list[dict], dict]:
                     guide_rerank=args.guide_rerank)
     log(f"bench on {meta['device_name']} ({precision}), length {length}: {json.dumps(grid)}")
     rows = run_bench(dlm, ar, lm, length=length, device=device, precision=precision, repeats=args.repeats,
-                     warmup=args.warmup, log=log, guidance=guidance, **grid)
+                     warmup=args.warmup, log=log, guidance=guidance,
+                     on_row=(lambda r: on_row({**r, **meta})) if on_row is not None else None, **grid)
     rows = [{**r, **meta} for r in rows]
     dl = [r for r in rows if r.get("kind") == "mdlm" and "latency_s" in r]
     summary = {**{k: meta[k] for k in ("git_sha", "device_name", "time")}, "preset": args.preset,

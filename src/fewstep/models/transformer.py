@@ -38,15 +38,27 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 
 
 class KVCache:
-    """Pre-allocated keys/values for incremental causal decoding. k, v: (n_layers, B, H, L_max, Dh)."""
+    """Pre-allocated keys/values for incremental causal decoding. k, v: (n_layers, B, H, L_max, Dh).
+
+    Two modes. Dynamic (default): `pos` is a Python int and each call attends over the `pos` positions written.
+    Static (`pos_t` set, a (1,) long tensor): one token is written at position pos_t and attention runs over the
+    whole buffer with the mask `arange(L_max) <= pos_t`, so every decode step has the same shapes and kernels and
+    can be captured once in a CUDA graph; the caller advances pos_t in place.
+    """
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, device, dtype):
         shape = (n_layers, batch, n_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # number of positions already written
+        self.pos = 0  # number of positions already written (dynamic mode)
+        self.pos_t: torch.Tensor | None = None  # (1,) position of the token being decoded (static mode)
+        self.mask: torch.Tensor | None = None  # (1, 1, 1, L_max) bool: positions visible at pos_t (static mode)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pos_t is not None:
+            self.k[layer].index_copy_(2, self.pos_t, k.to(self.k.dtype))
+            self.v[layer].index_copy_(2, self.pos_t, v.to(self.v.dtype))
+            return self.k[layer], self.v[layer]
         n = k.shape[2]
         self.k[layer, :, :, self.pos : self.pos + n] = k
         self.v[layer, :, :, self.pos : self.pos + n] = v
@@ -65,14 +77,16 @@ class Attention(nn.Module):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B,H,L,Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        is_causal = self.causal
+        is_causal, mask = self.causal, None
         if cache is not None:
-            if cache.pos > 0 and L > 1:
+            if (cache.pos > 0 or cache.pos_t is not None) and L > 1:
                 raise ValueError("KV cache decodes one token at a time after the prefill")
-            is_causal = self.causal and cache.pos == 0
+            is_causal = self.causal and cache.pos == 0 and cache.pos_t is None
             k, v = cache.update(layer, k, v)
+            mask = cache.mask if cache.pos_t is not None else None
+            k, v = k.to(q.dtype), v.to(q.dtype)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, L, Dh)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
@@ -157,9 +171,15 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, cache: KVCache | None = None):
         B, L = x.shape
-        start = cache.pos if cache is not None else 0
-        cos, sin = self._rope(start + L, x.device)
-        cos, sin = cos[start : start + L], sin[start : start + L]
+        if cache is not None and cache.pos_t is not None:  # static decode step (CUDA-graph friendly)
+            n_max = cache.k.shape[3]
+            cos, sin = self._rope(n_max, x.device)
+            cos, sin = cos.index_select(0, cache.pos_t), sin.index_select(0, cache.pos_t)  # (1, Dh/2)
+            cache.mask = (torch.arange(n_max, device=x.device) <= cache.pos_t)[None, None, None]  # (1, 1, 1, L_max)
+        else:
+            start = cache.pos if cache is not None else 0
+            cos, sin = self._rope(start + L, x.device)
+            cos, sin = cos[start : start + L], sin[start : start + L]
         h = self.embed(x)  # (B, L, D)
         c = None
         if self.time_cond:
@@ -172,7 +192,7 @@ class Transformer(nn.Module):
         if self.ada_out is not None:
             shift, scale = self.ada_out(F.silu(c))[:, None].chunk(2, dim=-1)
             h = h * (1 + scale) + shift
-        if cache is not None:
+        if cache is not None and cache.pos_t is None:
             cache.pos += L
         return self.head(h)  # (B, L, V)
 
