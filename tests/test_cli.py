@@ -83,3 +83,13 @@ def test_sample_command_writes_jsonl(pydoc_data, tmp_path, kind):
     rows = [json.loads(ln) for ln in open(tmp_path / "s.jsonl")]
     assert len(rows) == 3 and all(isinstance(r["text"], str) and r["entropy"] > 0 for r in rows)
     assert json.loads(res.stderr.strip().splitlines()[-1])["n"] == 3
+
+
+def test_experiment_bad_config_is_one_line(tmp_path):
+    one_line_error(run_cli("experiment", "no_such_experiment"), "unknown experiment config 'no_such_experiment'")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[eval]\nn = 4\nsteps = [1]\n")
+    one_line_error(run_cli("experiment", str(bad)), "unknown config key 'eval.steps'")
+    bad.write_text("[eval\nn = 4\n")
+    one_line_error(run_cli("experiment", str(bad)), "cannot parse experiment config")
+    assert not (tmp_path / "runs").exists()

@@ -105,3 +105,36 @@ def test_torchrun_two_processes_gloo(pydoc_data, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert checkpoint.latest(out).name == "step_0000004"
     assert len(_losses(out)) == 4
+
+
+def _bucket_worker(rank: int, world: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    from fewstep.train import _all_reduce_grads
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(rank)
+    ps = [torch.nn.Parameter(torch.zeros(s)) for s in [(3, 5), (7,), (2, 2, 2), (1,)]]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    grads = [p.grad.clone() for p in ps]
+    _all_reduce_grads(ps, bucket_bytes=64)  # tiny buckets: several collectives, one tensor split across none
+    out.put((rank, grads, [p.grad.clone() for p in ps]))
+    dist.destroy_process_group()
+
+
+def test_bucketed_all_reduce_averages_gradients_over_ranks():
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_bucket_worker, args=(r, 2, 29541, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    res = dict((r, (g, a)) for r, g, a in (out.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    for i in range(4):
+        mean = (res[0][0][i] + res[1][0][i]) / 2
+        torch.testing.assert_close(res[0][1][i], mean)
+        torch.testing.assert_close(res[1][1][i], mean)

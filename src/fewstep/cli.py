@@ -1,4 +1,6 @@
-"""Command line: `fewstep data | train | distill | sample | demo | eval | bench | report` (also `python -m fewstep`).
+"""Command line: `fewstep data | train | distill | sample | demo | eval | bench | report | experiment`.
+
+Also `python -m fewstep`.
 
 Every command takes `--config PRESET` (a TOML path or a name in configs/) and `--section.key=value` overrides.
 User errors print one line and exit with status 2.
@@ -138,6 +140,17 @@ def cmd_report(args) -> None:
     print(json.dumps({"rows": out["rows"], "markdown": str(out["markdown"]), "plots": [str(p) for p in out["plots"]]}))
 
 
+def cmd_experiment(args) -> None:
+    from fewstep.experiment import run_experiment
+
+    out = run_experiment(args.experiment, args.overrides, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if out.get("summary"):
+        from pathlib import Path
+
+        print(Path(out["summary"]).read_text(encoding="utf-8"))
+    print(json.dumps({k: out.get(k) for k in ("dir", "files", "stages_run", "wall_seconds")}, default=str))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fewstep", description=__doc__.splitlines()[0])
     p.add_argument("--deterministic", action="store_true",
@@ -211,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("results", nargs="+", help="result files or folders of them")
     r.add_argument("--out", default="report", help="output folder")
     r.set_defaults(fn=cmd_report, config=None)
+
+    x = sub.add_parser("experiment", help="train AR + MDLM on a budget x epochs grid, distill, evaluate, report "
+                       "(resumable; overrides: --eval.n=16, --experiment.epochs=1,4, --distill.sdtt.round_steps=50)")
+    x.add_argument("experiment", help="configs/experiments/<name>.toml, or a name in it (tiny, small, paper)")
+    x.set_defaults(fn=cmd_experiment, config=None)
     return p
 
 

@@ -169,3 +169,42 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
     md_path = out_dir / "results.md"
     md_path.write_text("\n".join(md))
     return {"rows": len(rows), "markdown": md_path, "plots": pngs}
+
+
+def line_plot(lines: dict[str, list[tuple[float, float]]], path: str | Path, *, title: str, xlabel: str,
+              ylabel: str, logx: int = 0, logy: bool = False, refs: dict[str, float] | None = None) -> Path | None:
+    """One PNG with a line per label (a single point draws as a marker) and a dashed horizontal line per entry of
+    `refs`; None (no file written) when there is no data. logx: 0 (linear) or the log base (2: plain-number ticks
+    for steps and epochs; 10: for times)."""
+    lines = {k: sorted(p for p in v if _num(p[0]) and _num(p[1])) for k, v in lines.items()}
+    lines = {k: v for k, v in lines.items() if v}
+    if not lines:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, pts in lines.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    for label, y in (refs or {}).items():
+        if _num(y):
+            ax.axhline(y, linestyle="--", linewidth=1, color="gray", label=label)
+    if logx:
+        ax.set_xscale("log", base=logx)
+        if logx == 2:
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        else:  # labelled minor ticks crowd a narrow decade
+            ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_yscale("log" if logy else "linear")
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -87,6 +87,21 @@ def set_deterministic(seed: int | None = None) -> None:
         torch.manual_seed(seed)
 
 
+def _all_reduce_grads(params: list[torch.nn.Parameter], bucket_bytes: int = 64 * 2**20) -> None:
+    """Average gradients over ranks in a few flat buckets (one collective per bucket, not one per tensor)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    while grads:
+        size, n = 0, 0
+        while n < len(grads) and (n == 0 or size + grads[n].numel() * grads[n].element_size() <= bucket_bytes):
+            size += grads[n].numel() * grads[n].element_size()
+            n += 1
+        bucket, grads = grads[:n], grads[n:]
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.AVG)
+        for g, v in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(v.view_as(g))
+
+
 def _finite_weights(modules: dict[str, torch.nn.Module]) -> list[str]:
     """Names of modules holding a non-finite parameter (a step that overflowed the weights themselves)."""
     return [n for n, m in modules.items() if not all(bool(torch.isfinite(p).all()) for p in m.parameters())]
@@ -235,9 +250,7 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
             if name not in losses:
                 continue
             if world > 1:
-                for p in ps:
-                    if p.grad is not None:
-                        torch_dist.all_reduce(p.grad, op=torch_dist.ReduceOp.AVG)
+                _all_reduce_grads(ps)
             norms[name] = torch.nn.utils.clip_grad_norm_(ps, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         finite = torch.stack([torch.isfinite(v) for v in [*sums.values(), *norms.values()]]).all()
         if not bool(finite):

@@ -1,0 +1,198 @@
+"""The experiment's report: result files, markdown tables, PNG plots and a summary whose claims are computed.
+
+Two derived quantities:
+* Crossover (per unique-token budget): the sign of MDLM val NLL - AR val NLL across the epoch counts. The MDLM
+  number is a NELBO upper bound, so "MDLM below AR" is conclusive and "AR below MDLM" is not.
+* Speed-up at matched gen PPL (per student): k* = the smallest student step count whose gen PPL is <= the
+  teacher's gen PPL at its reference step count (eval.ref_steps); speed-up = latency(teacher @ ref) /
+  latency(student @ k*), both from the same benchmark settings. Reported with both entropies: a student that
+  matches gen PPL only by losing entropy is flagged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fewstep.report import _fmt, line_plot, markdown_table, plot
+
+GEN_COLS = ["name", "steps", "sampler", "greedy_tail", "precision", "n_samples", "seed", "gen_ppl", "entropy",
+            "judge", "seconds_per_sample"]
+BENCH_COLS = ["name", "steps", "batch", "seq_len", "precision", "device", "latency_s", "tokens_per_s",
+              "speedup_vs_ar"]
+ENTROPY_TOL = 0.05  # a relative entropy drop beyond this is flagged next to a gen PPL win
+
+
+def _get(rows, **match):
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def crossover(grid: list[dict]) -> list[dict]:
+    """Per budget: AR and MDLM val NLL at each epoch count, which is ahead, and a one-line verdict."""
+    out = []
+    for u in sorted({r["unique_tokens"] for r in grid}):
+        eps = sorted({r["epochs"] for r in grid if r["unique_tokens"] == u})
+        ar = [_get(grid, kind="ar", unique_tokens=u, epochs=e)["val_nll"] for e in eps]
+        md = [_get(grid, kind="mdlm", unique_tokens=u, epochs=e)["val_nll"] for e in eps]
+        ahead = [m < a for m, a in zip(md, ar)]
+        E = lambda i, eps=eps: f"E={eps[i]:g}"
+        if all(ahead):
+            verdict = f"MDLM (bound) below AR at every epoch count ({E(0)} to {E(-1)}): no crossover in the grid"
+        elif not any(ahead):
+            trend = "narrows" if md[-1] - ar[-1] < md[0] - ar[0] else "widens"
+            verdict = (f"AR below MDLM at every epoch count: no crossover up to {E(-1)} (gap {md[0] - ar[0]:.3f} "
+                       f"nats at {E(0)}, {md[-1] - ar[-1]:.3f} at {E(-1)}: it {trend})")
+        elif ahead == sorted(ahead):
+            i = ahead.index(True)
+            verdict = f"crossover: AR ahead up to {E(i - 1)}, MDLM (bound) ahead from {E(i)}"
+        else:
+            verdict = "mixed: MDLM (bound) ahead at " + ", ".join(E(i) for i, a in enumerate(ahead) if a)
+        best_ar = eps[min(range(len(eps)), key=lambda i: ar[i])]
+        if best_ar < eps[-1]:
+            verdict += f"; AR's held-out NLL is lowest at E={best_ar:g} and rises after it (over-fitting)"
+        out.append({"unique_tokens": u, "epochs": eps, "ar_val_nll": ar, "mdlm_val_nll": md, "mdlm_ahead": ahead,
+                    "crossover": any(ahead) and not all(ahead), "verdict": verdict})
+    return out
+
+
+def matched_speedup(gen: list[dict], bench: list[dict], ref: int) -> list[dict]:
+    """One row per student: k*, both gen PPLs and entropies, both latencies and their ratio (module doc)."""
+    out = []
+    for g in dict.fromkeys(r["group"] for r in gen):
+        t = _get(gen, group=g, role="teacher", steps=ref)
+        t_lat = _get(bench, group=g, role="teacher", kind="mdlm", steps=ref)
+        for name in dict.fromkeys(r["name"] for r in gen if r["group"] == g and r["role"] not in ("teacher", "ar")):
+            rows = sorted((r for r in gen if r["name"] == name), key=lambda r: r["steps"])
+            hit = next((r for r in rows if t and r.get("gen_ppl") is not None and r["gen_ppl"] <= t["gen_ppl"]), None)
+            s_lat = hit and _get(bench, name=name, kind="mdlm", steps=hit["steps"])
+            row = {"student": name, "teacher_ref_steps": ref, "teacher_gen_ppl": t and t.get("gen_ppl"),
+                   "teacher_entropy": t and t["entropy"], "matched_steps": hit and hit["steps"],
+                   "student_gen_ppl": hit and hit["gen_ppl"], "student_entropy": hit and hit["entropy"],
+                   "teacher_latency_s": t_lat and t_lat.get("latency_s"),
+                   "student_latency_s": s_lat and s_lat.get("latency_s"), "speedup": None, "entropy_flag": False}
+            if row["teacher_latency_s"] and row["student_latency_s"]:
+                row["speedup"] = row["teacher_latency_s"] / row["student_latency_s"]
+            if hit and t:
+                row["entropy_flag"] = hit["entropy"] < (1 - ENTROPY_TOL) * t["entropy"]
+            out.append(row)
+    return out
+
+
+def _equal_steps(gen: list[dict]) -> list[dict]:
+    out = []
+    for s in (r for r in gen if r["role"] not in ("teacher", "ar")):
+        t = _get(gen, group=s["group"], role="teacher", steps=s["steps"])
+        if t and s.get("gen_ppl") is not None and t.get("gen_ppl") is not None:
+            out.append({"student": s["name"], "steps": s["steps"], "student_gen_ppl": s["gen_ppl"],
+                        "teacher_gen_ppl": t["gen_ppl"], "gen_ppl_ratio": s["gen_ppl"] / t["gen_ppl"],
+                        "student_entropy": s["entropy"], "teacher_entropy": t["entropy"]})
+    return out
+
+
+def _plots(out: Path, grid, gen, bench, ref) -> list[Path]:
+    lines = {}
+    for r in grid:
+        lines.setdefault(f"{r['kind'].upper()} U={r['unique_tokens']:,}", []).append((r["epochs"], r["val_nll"]))
+    made = [line_plot(lines, out / "val_loss_vs_epochs.png", title="Held-out NLL vs epochs (MDLM: NELBO bound)",
+                      xlabel="epochs over the unique tokens", ylabel="val NLL (nats/token)", logx=2)]
+    drop = ("latency_s", "tokens_per_s", "seconds_per_sample", "speedup_vs_ar")
+    made += plot([{**{k: v for k, v in r.items() if k not in drop}, **({"steps": None} if r["role"] == "ar" else {})}
+                  for r in gen], out)  # gen_ppl / entropy vs steps; the AR model as a dashed line
+    made += plot(bench, out)  # latency / speed-up over AR vs steps; AR as a dashed line
+    pareto, refs = {}, {}
+    for r in gen:
+        b = _get(bench, name=r["name"], kind="mdlm", steps=r["steps"]) if r["role"] != "ar" else \
+            _get(bench, group=r["group"], kind="ar")
+        if b and r.get("gen_ppl") is not None:
+            pareto.setdefault(r["name"], []).append((b.get("latency_s"), r["gen_ppl"]))
+        if r["role"] == "teacher" and r["steps"] == ref:
+            refs[f"{r['name']} @{ref} gen PPL"] = r.get("gen_ppl")
+    made.append(line_plot(pareto, out / "gen_ppl_vs_latency.png", refs=refs, logx=10,
+                          title="Gen PPL vs latency: speed-up at matched gen PPL", xlabel="latency of one batch (s)",
+                          ylabel="gen PPL"))
+    return [p for p in made if p is not None]
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    return markdown_table(rows, cols) if rows else "(none)\n"
+
+
+def write(out_dir: str, grid: list[dict], gen: list[dict], bench: list[dict], info: dict) -> dict:
+    """Write everything under out_dir; returns {"dir", "files", "summary"}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ref = info["config"]["eval"]["ref_steps"]
+    for name, rows in (("train.jsonl", grid), ("samples.jsonl", gen), ("bench.jsonl", bench)):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cross, speed, equal = crossover(grid), matched_speedup(gen, bench, ref), _equal_steps(gen)
+    summary = {**info, "crossover": cross, "matched_speedup": speed, "equal_steps": equal}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+    pngs = _plots(out, grid, gen, bench, ref)
+    cfg, ev = info["config"], info["config"]["eval"]
+    m, d = cfg["base"]["model"], cfg["base"]["data"]
+    one = gen[0] if gen else {}
+    setup = (f"Data `{d['corpus']}` ({d['tokenizer']} tokens), model d={m['d_model']} x {m['n_layers']} layers, "
+             f"L={m['seq_len']}, {_fmt(grid[0].get('params'))} parameters (AR and MDLM alike), batch "
+             f"{cfg['base']['train']['batch_size']}. Judge `{info['judge']}`; {ev['n']} samples per row, "
+             f"seed {ev['seed']}, float64 sampling, greedy tail {'on' if ev['greedy_tail'] else 'off'}, "
+             f"{one.get('precision', 'fp32')} on {one.get('device', '?')}; latency: batch {ev['bench_batch']}, "
+             f"median of {ev['bench_repeats']}. Val NLL: {ev['val_batches']} x 16 held-out sequences, MDLM with "
+             f"{ev['val_mc']} NELBO time samples each.")
+    val_rows = [{"unique_tokens": c["unique_tokens"], "epochs": e, "ar_val_nll": a, "mdlm_val_nll": md,
+                 "mdlm_minus_ar": md - a, "ahead": "MDLM" if md < a else "AR",
+                 "train_steps": _get(grid, kind="ar", unique_tokens=c["unique_tokens"], epochs=e)["train_steps"]}
+                for c in cross for e, a, md in zip(c["epochs"], c["ar_val_nll"], c["mdlm_val_nll"])]
+    img = lambda stem: "".join(f"![{p.stem}]({p.name})\n" for p in pngs if p.stem == stem)
+    md = [f"# {cfg['experiment']['name']}: repeated data, distillation, speed", "", setup, "",
+          "## Validation (held-out; MDLM: NELBO upper bound, AR: exact)", "", _table(val_rows, list(
+              val_rows[0]) if val_rows else []), img("val_loss_vs_epochs"),
+          *[f"- U={c['unique_tokens']:,}: {c['verdict']}" for c in cross], "",
+          f"## Generative perplexity and entropy (teacher(s): {', '.join(info['teachers'])})", "",
+          _table(gen, GEN_COLS), img("gen_ppl_vs_steps"), img("entropy_vs_steps"),
+          "## Students vs teacher at equal steps", "", _table(equal, list(equal[0]) if equal else []),
+          "## Latency (one batch, vs KV-cached AR at the same length)", "", _table(bench, BENCH_COLS),
+          img("latency_vs_steps"), img("speedup_vs_steps"),
+          f"## Speed-up at matched gen PPL (k*: fewest student steps with gen PPL <= teacher @{ref})", "",
+          _table(speed, list(speed[0]) if speed else []), img("gen_ppl_vs_latency")]
+    (out / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    (out / "SUMMARY.md").write_text(summary_md(cfg["experiment"]["name"], setup, cross, speed, equal, bench,
+                                               info, ref), encoding="utf-8")
+    return {"dir": str(out), "files": sorted(p.name for p in out.iterdir()), "summary": str(out / "SUMMARY.md")}
+
+
+def summary_md(name, setup, cross, speed, equal, bench, info, ref) -> str:
+    """The RESULTS.md-style section: every sentence below is computed from the numbers in summary.json."""
+    lines = [f"## Experiment `{name}`", "", setup, ""]
+    n_cross = sum(c["crossover"] for c in cross)
+    lines.append(f"**AR vs MDLM under repeated data.** A crossover (AR ahead at few epochs, MDLM ahead at more) "
+                 f"appears at {n_cross} of {len(cross)} unique-token budgets:")
+    lines += [f"- U={c['unique_tokens']:,}: {c['verdict']}." for c in cross]
+    lines += ["", f"**Distillation** (teacher(s) {', '.join(info['teachers'])}; judge `{info['judge']}`)."]
+    for s in speed:
+        if s["matched_steps"] is None:
+            lines.append(f"- {s['student']}: no measured step count reaches the teacher's gen PPL @{ref} "
+                         f"({_fmt(s['teacher_gen_ppl'])}): no matched-quality speed-up.")
+            continue
+        flag = (f" but its entropy is {100 * (1 - s['student_entropy'] / s['teacher_entropy']):.1f}% lower "
+                "(part of the gain is lost diversity)" if s["entropy_flag"] else "")
+        sp = f"{s['speedup']:.1f}x faster" if s["speedup"] else "latency not measured"
+        lines.append(f"- {s['student']}: matches the teacher @{ref} (gen PPL {_fmt(s['teacher_gen_ppl'])}) at "
+                     f"{s['matched_steps']} steps (gen PPL {_fmt(s['student_gen_ppl'])}, entropy "
+                     f"{s['student_entropy']:.3f} vs {s['teacher_entropy']:.3f}){flag}: {sp}.")
+    wins = [e for e in equal if e["gen_ppl_ratio"] < 1]
+    lines.append(f"- At equal step counts students have lower gen PPL than the teacher in {len(wins)} of "
+                 f"{len(equal)} (student, steps) pairs.")
+    ar = [b for b in bench if b.get("kind") == "ar" and b.get("latency_s")]
+    t_ref = [b for b in bench if b.get("role") == "teacher" and b.get("steps") == ref and b.get("latency_s")]
+    if ar and t_ref:
+        fast = min((b for b in bench if b.get("kind") == "mdlm" and b.get("latency_s")), key=lambda b: b["latency_s"])
+        lines += ["", f"**Latency** (batch {ar[0]['batch']}, L={ar[0]['seq_len']}, {ar[0].get('device_name') or ''}): "
+                  f"KV-cached AR {ar[0]['latency_s']:.4g} s, teacher @{ref} {t_ref[0]['latency_s']:.4g} s "
+                  f"({_fmt(t_ref[0].get('speedup_vs_ar'))}x AR's speed), fastest DLM setting {fast['name']} "
+                  f"@{fast['steps']} {fast['latency_s']:.4g} s ({_fmt(fast.get('speedup_vs_ar'))}x)."]
+    times = info.get("stage_seconds", {})
+    total = sum(v for v in times.values() if v)
+    lines += ["", f"Time: {total:.0f} s for all {len(times)} stages (as recorded when each ran); "
+              f"this invocation ran {len(info['stages_run'])} of them in {info['wall_seconds']:.0f} s. Tables and "
+              "plots: results.md; raw rows: train.jsonl, samples.jsonl, bench.jsonl, summary.json.", ""]
+    return "\n".join(lines)

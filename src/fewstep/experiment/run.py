@@ -1,0 +1,244 @@
+"""`fewstep experiment <config>`: the repeated-data study and the distillation study in one resumable command.
+
+Stages (each writes <runs_dir>/stages/<stage>.json holding its config key and result; a stage whose file exists
+with the same key is skipped, so a rerun after a crash or an edit redoes only what is missing or changed):
+  train/<kind>_<budget>    AR and MDLM pre-training at every data.unique_tokens x data.epochs pair of the grid,
+                           same [data], [model] and [train] for both kinds (pipeline.pretrain)
+  val/<kind>_<budget>      held-out NLL (exact for AR, NELBO bound for MDLM; eval.likelihood.val_ppl)
+  train/judge              only for judge.spec = "train": an AR judge on all unique tokens for a few epochs
+  distill/<method>_<t>     each configured method on each chosen MDLM teacher (distill.run.distill); AR-teacher
+                           methods (tcs, onpolicy) take the AR model of the teacher's budget
+  gen/<model>              gen PPL under one judge + unigram entropy per step count (eval.harness.sample_eval)
+  bench/<model>            latency vs KV-cached AR at the experiment's length (eval.bench.bench_from_args)
+The report (experiment/report.py) is rebuilt from the stage files on every run. Under torchrun the training
+stages run on every rank and the measurements on rank 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from fewstep import checkpoint
+from fewstep.config import FewstepError, to_dict
+from fewstep.experiment.config import ExperimentConfig, _methods, label, load
+
+
+class Runner:
+    """Runs the stages in order; `ran` lists the stages computed in this call (the rest were done before)."""
+
+    def __init__(self, ex: ExperimentConfig, log=print):
+        from fewstep.train import init_distributed
+
+        self.ex, self.log, self.ran, self.fp, self.seconds = ex, log, [], {}, {}
+        self.rank, self.world, self.device = init_distributed()
+        self.runs = Path(ex.experiment.runs_dir)
+
+    def _barrier(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized() and not getattr(self, "solo", False):
+            dist.barrier()
+
+    def stage(self, name: str, key, fn, all_ranks: bool = False, out: str | None = None):
+        """fn()'s result, computed once per key: <runs_dir>/stages/<name>.json holds {key, result}. `out`: the
+        checkpoint dir the stage trains; later stages' keys carry its fingerprint, so they rerun when it does."""
+        path = self.runs / "stages" / f"{name}.json"
+        key = json.loads(json.dumps(key, default=str))
+        if out:
+            self.fp[out] = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+        if path.is_file():
+            done = json.loads(path.read_text(encoding="utf-8"))
+            if done.get("key") == key:
+                self.log(f"[skip] {name}: done")
+                self.seconds[name] = done.get("seconds")
+                return done["result"]
+            if out and checkpoint.latest(out) is not None:  # resuming would mix two configs in one run
+                what = _diff(done.get("key"), key)
+                raise FewstepError(f"{out} was trained with other settings ({what}): delete it, or set "
+                                   "experiment.runs_dir to start the experiment afresh")
+        result = None
+        if all_ranks or self.rank == 0:
+            self.log(f"[run] {name}")
+            t0 = time.perf_counter()
+            result = json.loads(json.dumps(fn(), default=str))
+            self.seconds[name] = time.perf_counter() - t0
+            if isinstance(result, dict):
+                result["stage_seconds"] = self.seconds[name]
+        if self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            record = {"key": key, "result": result, "seconds": self.seconds[name]}
+            tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+            os.replace(tmp, path)  # atomic: a killed run never leaves a half-written marker
+            self.ran.append(name)
+        self._barrier()
+        return json.loads(path.read_text(encoding="utf-8"))["result"]
+
+    def pretrain(self, kind: str, unique_tokens: int, epochs: float, name: str, max_steps: int = 0) -> dict:
+        from fewstep.pipeline import pretrain
+
+        cfg = copy.deepcopy(self.ex.base)
+        cfg.model.kind, cfg.data.unique_tokens, cfg.data.epochs = kind, unique_tokens, epochs
+        cfg.train.max_steps = max_steps or cfg.train.max_steps
+        cfg.train.out_dir = str(self.runs / "train" / name)
+        s = self.stage(f"train/{name}", to_dict(cfg), lambda: pretrain(cfg), all_ranks=True, out=cfg.train.out_dir)
+        return {"ckpt": cfg.train.out_dir, "fp": self.fp[cfg.train.out_dir], "kind": kind,
+                "unique_tokens": unique_tokens, "epochs": epochs,
+                "train_steps": s["steps"], "params": s.get("params"), "train_seconds": s.get("stage_seconds")}
+
+    def validate(self, run: dict, name: str) -> dict:
+        def fn():
+            from fewstep.checkpoint import load_model
+            from fewstep.eval.likelihood import val_ppl
+
+            model, meta = load_model(run["ckpt"], self.device)
+            return val_ppl(model, meta, max_batches=self.ex.eval.val_batches, mc=self.ex.eval.val_mc,
+                           device=self.device)
+        key = {"ckpt": run, "val_batches": self.ex.eval.val_batches, "val_mc": self.ex.eval.val_mc}
+        return {**run, **self.stage(f"val/{name}", key, fn), "name": name}
+
+    def run(self) -> dict:
+        ex, ev = self.ex, self.ex.eval
+        t0 = time.perf_counter()
+        grid = []
+        for u in ex.experiment.unique_tokens:
+            for e in ex.experiment.epochs:
+                for kind in ("ar", "mdlm"):
+                    name = f"{kind}_{label(u, e)}"
+                    grid.append(self.validate(self.pretrain(kind, u, e, name), name))
+        judge = self.judge_path(grid)
+        mdlm = [r for r in grid if r["kind"] == "mdlm"]
+        top = max(r["unique_tokens"] or float("inf") for r in mdlm)
+        picked = {}
+        for t in ex.distill.teachers:
+            pool = (mdlm if t == "all" else [r for r in mdlm if (r["unique_tokens"] or float("inf")) == top]
+                    if t == "largest" else [r for r in mdlm if label(r["unique_tokens"], r["epochs"]) == t])
+            for r in pool if t == "all" else [min(pool, key=lambda r: r["val_nll"])]:  # largest: best epochs
+                picked[label(r["unique_tokens"], r["epochs"])] = r
+        many = len(picked) > 1
+        models = []  # what is measured: teachers, students and the AR model of each teacher's budget
+        for tl, teacher in picked.items():
+            ar = next(r for r in grid if r["kind"] == "ar" and label(r["unique_tokens"], r["epochs"]) == tl)
+            tag = f" {tl}" if many else ""
+            models.append(dict(name=f"teacher{tag}", ckpt=teacher["ckpt"], steps=ev.teacher_steps, role="teacher"))
+            for m in ex.distill.methods:
+                cfg = copy.deepcopy(ex.methods[m])
+                src = ar if getattr(_methods()[m], "teacher_kinds", ("mdlm",)) == ("ar",) else teacher
+                cfg.method["teacher"], cfg.train.out_dir = src["ckpt"], str(self.runs / "distill" / f"{m}_{tl}")
+                from fewstep.distill.run import distill
+
+                self.stage(f"distill/{m}_{tl}", {**to_dict(cfg), "teacher_fp": src["fp"]}, lambda cfg=cfg: distill(cfg),
+                           all_ranks=True, out=cfg.train.out_dir)
+                models.append(dict(name=f"{m}{tag}", ckpt=cfg.train.out_dir, steps=ev.student_steps, role=m))
+            models.append(dict(name=f"AR{tag}", ckpt=ar["ckpt"], steps=[1], role="ar"))
+            for mod in models[-len(ex.distill.methods) - 2:]:
+                mod.update(group=tl, ar=ar["ckpt"])
+        if self.rank != 0:  # the measurements below are rank 0's alone: no collective call may follow
+            return {"stages_run": self.ran}
+        self.solo = True
+        gen, bench = [], []
+        for mod in models:
+            extra = {"role": mod["role"], "group": mod["group"]}
+            gen += [{**r, **extra} for r in self.gen(mod["name"], mod["ckpt"], mod["steps"], judge)]
+            if mod["role"] != "ar":
+                bench += [{**r, **extra} for r in self.bench(mod["name"], mod["ckpt"], mod["steps"], mod["ar"])]
+        from fewstep.experiment.report import write
+
+        info = {"config": {"experiment": dataclasses.asdict(ex.experiment), "base": to_dict(ex.base),
+                           "judge": dataclasses.asdict(ex.judge), "distill": dataclasses.asdict(ex.distill),
+                           "eval": dataclasses.asdict(ev)},
+                "judge": judge, "judge_run": getattr(self, "judge_run", None), "teachers": list(picked),
+                "stages_run": self.ran, "wall_seconds": time.perf_counter() - t0, "stage_seconds": self.seconds}
+        out = write(ex.experiment.results_dir, grid, gen, bench, info)
+        return {**out, "stages_run": self.ran, "wall_seconds": info["wall_seconds"]}
+
+    def judge_path(self, grid: list[dict]) -> str:
+        """The judge spec: our own AR checkpoint as "ckpt:<path>", or a smollm2 / hf: spec unchanged."""
+        j = self.ex.judge
+        if j.spec == "best_ar":
+            return "ckpt:" + min((r for r in grid if r["kind"] == "ar"), key=lambda r: r["val_nll"])["ckpt"]
+        if j.spec == "train":
+            self.judge_run = self.validate(self.pretrain("ar", j.unique_tokens, j.epochs, "judge", j.max_steps),
+                                           "judge")
+            return "ckpt:" + self.judge_run["ckpt"]
+        return j.spec
+
+    def gen(self, name: str, ckpt: str, steps: list[int], judge: str) -> list[dict]:
+        ev = self.ex.eval
+
+        def fn():
+            import torch
+
+            from fewstep.checkpoint import load_model
+            from fewstep.data import get_tokenizer
+            from fewstep.eval.harness import sample_eval
+
+            j = self._judge(judge)
+            model, meta = load_model(ckpt, self.device)
+            tok = get_tokenizer(meta["data"]["tokenizer"])
+            rows = []
+            for k in steps:
+                torch.manual_seed(ev.seed)
+                rows.append(sample_eval(model, meta, steps=k, n=ev.n, tokenizer=tok, judge=j, batch=ev.batch,
+                                        seed=ev.seed, greedy_tail=ev.greedy_tail, device=self.device, name=name))
+            return rows
+        key = {"ckpt": ckpt, "fp": self.fp.get(ckpt), "steps": steps, "judge": judge,
+               "judge_fp": self.fp.get(judge[5:]), **{k: getattr(ev, k) for k in
+               ("n", "batch", "seed", "greedy_tail")}}
+        return self.stage(f"gen/{name.replace(' ', '_')}", key, fn)
+
+    def _judge(self, spec: str):
+        if getattr(self, "_j", (None,))[0] != spec:
+            from fewstep.eval.judge import Judge, load_judge
+
+            if spec.startswith("ckpt:"):  # ours: EOS is its start of text, as in distill/compare.py
+                from fewstep.checkpoint import load_model
+                from fewstep.data import get_tokenizer
+
+                ar, meta = load_model(spec[5:], self.device)
+                tok = get_tokenizer(meta["data"]["tokenizer"])
+                j = Judge.from_module(ar, tok, max_len=meta["model"]["seq_len"] + 1, name=spec, bos_id=tok.eos_id)
+            else:
+                j = load_judge(spec, self.device)
+            self._j = (spec, j)
+        return self._j[1]
+
+    def bench(self, name: str, ckpt: str, steps: list[int], ar_ckpt: str) -> list[dict]:
+        ev = self.ex.eval
+
+        def fn():
+            import argparse
+
+            from fewstep.eval.bench import add_args, bench_from_args
+
+            p = argparse.ArgumentParser()
+            add_args(p)
+            args = p.parse_args(["--ckpt", ckpt, "--ar-ckpt", ar_ckpt, "--steps", ",".join(map(str, steps)),
+                                 "--batches", str(ev.bench_batch), "--length", str(self.ex.base.model.seq_len),
+                                 "--repeats", str(ev.bench_repeats), "--hf", "none", "--device", str(self.device)])
+            rows, _ = bench_from_args(args, log=lambda msg: None)
+            return [{**r, "name": name if r.get("kind") == "mdlm" else "AR KV-cache", "model": name} for r in rows]
+        key = {"ckpt": ckpt, "fp": self.fp.get(ckpt), "ar": ar_ckpt, "ar_fp": self.fp.get(ar_ckpt), "steps": steps,
+               "batch": ev.bench_batch, "repeats": ev.bench_repeats,
+               "length": self.ex.base.model.seq_len}
+        return self.stage(f"bench/{name.replace(' ', '_')}", key, fn)
+
+
+def _diff(old, new, where: str = "") -> str:
+    """The first setting that differs between two stage keys, as 'train.lr 0.001 -> 0.0005'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in dict.fromkeys([*old, *new]):
+            if old.get(k) != new.get(k):
+                return _diff(old.get(k), new.get(k), f"{where}.{k}" if where else k)
+    return f"{where or 'settings'} {old!r} -> {new!r}"
+
+
+def run_experiment(config: str, overrides: list[str] = (), log=print) -> dict:
+    """Load the experiment config, run (or resume) every stage, write the report; returns what was written."""
+    return Runner(load(config, overrides), log).run()

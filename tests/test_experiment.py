@@ -1,0 +1,185 @@
+"""`fewstep experiment`: a reduced tiny experiment end to end, resume by stage files, config errors in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fewstep.cli import main
+from fewstep.config import FewstepError
+from fewstep.experiment import label, load, run_experiment
+
+REDUCED = """
+[experiment]
+name = "ci"
+runs_dir = "{runs}"
+results_dir = "{results}"
+unique_tokens = [2048]
+epochs = [1, 2]
+
+[data]
+corpus = "pydoc"
+tokenizer = "byte"
+dir = "{data}"
+
+[model]
+seq_len = 32
+d_model = 32
+n_layers = 2
+n_heads = 2
+
+[train]
+batch_size = 8
+warmup_steps = 2
+eval_every = 1000
+eval_batches = 2
+ckpt_every = 1000
+log_every = 5
+
+[judge]
+spec = "best_ar"
+
+[distill]
+methods = ["sdtt"]
+train = {{ batch_size = 8, warmup_steps = 1, eval_batches = 1, log_every = 1 }}
+
+[distill.sdtt]
+teacher_steps = 4
+student_steps = 2
+round_steps = 2
+groups = 2
+
+[eval]
+teacher_steps = [1, 4]
+student_steps = [1, 2]
+n = 4
+batch = 4
+val_batches = 2
+val_mc = 1
+bench_batch = 2
+bench_repeats = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def experiment(pydoc_data, tmp_path_factory):
+    """(config path, results dir, first run's output): run once, shared by the tests below."""
+    root = tmp_path_factory.mktemp("experiment")
+    path = root / "ci.toml"
+    path.write_text(REDUCED.format(runs=root / "runs", results=root / "results", data=pydoc_data))
+    out = run_experiment(str(path), log=lambda msg: None)
+    return path, root / "results", out
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_end_to_end_report(experiment):
+    path, results, out = experiment
+    assert len([s for s in out["stages_run"] if s.startswith("train/")]) == 4  # {ar, mdlm} x {1, 2} epochs
+    for name in ("train.jsonl", "samples.jsonl", "bench.jsonl", "summary.json", "results.md", "SUMMARY.md",
+                 "val_loss_vs_epochs.png", "gen_ppl_vs_steps.png", "entropy_vs_steps.png", "latency_vs_steps.png",
+                 "gen_ppl_vs_latency.png"):
+        assert (results / name).is_file(), name
+        assert (results / name).stat().st_size > 0, name
+    grid = _rows(results / "train.jsonl")
+    assert sorted((r["kind"], r["epochs"]) for r in grid) == [("ar", 1), ("ar", 2), ("mdlm", 1), ("mdlm", 2)]
+    assert all(r["val_bound"] == (r["kind"] == "mdlm") and r["val_nll"] > 0 for r in grid)
+    assert {r["train_steps"] for r in grid} == {8, 16}  # 2048 tokens x epochs / (8 x 32) per step
+    gen = _rows(results / "samples.jsonl")
+    assert [(r["name"], r["steps"]) for r in gen] == [("teacher", 1), ("teacher", 4), ("sdtt", 1), ("sdtt", 2),
+                                                      ("AR", 32)]
+    assert all(r["gen_ppl"] > 1 and r["entropy"] > 0 and r["n_samples"] == 4 for r in gen)
+    assert len({r["judge"] for r in gen}) == 1  # one judge for every row
+    bench = _rows(results / "bench.jsonl")
+    assert sorted((r["name"], r.get("steps")) for r in bench if r["kind"] == "mdlm") == [
+        ("sdtt", 1), ("sdtt", 2), ("teacher", 1), ("teacher", 4)]
+    assert all(r["seq_len"] == 32 and r["latency_s"] > 0 for r in bench)
+    summary = json.loads((results / "summary.json").read_text())
+    (speed,) = summary["matched_speedup"]
+    assert speed["student"] == "sdtt" and speed["teacher_ref_steps"] == 4
+    if speed["matched_steps"] is not None:  # defined: fewest student steps with gen PPL <= teacher @4
+        assert speed["student_gen_ppl"] <= speed["teacher_gen_ppl"]
+        assert speed["speedup"] == pytest.approx(speed["teacher_latency_s"] / speed["student_latency_s"])
+    (cross,) = summary["crossover"]
+    assert cross["epochs"] == [1, 2] and len(cross["mdlm_ahead"]) == 2
+    md, short = (results / "results.md").read_text(), (results / "SUMMARY.md").read_text()
+    assert "## Validation" in md and "## Speed-up at matched gen PPL" in md and "| sdtt |" in md
+    assert cross["verdict"] in short and "crossover" in short
+
+
+def test_rerun_skips_finished_stages(experiment, monkeypatch):
+    path, results, _ = experiment
+    stages = sorted((path.parent / "runs" / "stages").rglob("*.json"))
+    before = {p: p.stat().st_mtime_ns for p in stages}
+
+    def boom(*a, **k):
+        raise AssertionError("a finished stage ran again")
+
+    import fewstep.distill.run
+    import fewstep.eval.harness
+    import fewstep.pipeline
+
+    monkeypatch.setattr(fewstep.pipeline, "pretrain", boom)
+    monkeypatch.setattr(fewstep.distill.run, "distill", boom)
+    out = run_experiment(str(path), log=lambda msg: None)
+    assert out["stages_run"] == []
+    assert {p: p.stat().st_mtime_ns for p in stages} == before
+    monkeypatch.setattr(fewstep.eval.harness, "sample_eval", boom)
+    (path.parent / "runs" / "stages" / "bench" / "sdtt.json").unlink()  # a lost result: only it runs again
+    assert run_experiment(str(path), log=lambda msg: None)["stages_run"] == ["bench/sdtt"]
+
+
+def test_changed_eval_setting_reruns_only_its_stages(experiment):
+    path, results, _ = experiment
+    ran = run_experiment(str(path), ["--eval.n=2", "--eval.batch=2"], log=lambda msg: None)["stages_run"]
+    assert ran and all(s.startswith("gen/") for s in ran)
+    assert {r["n_samples"] for r in _rows(results / "samples.jsonl")} == {2}
+
+
+def test_changed_training_setting_is_refused_then_rerun_with_dependents(experiment):
+    path, results, _ = experiment
+    quiet = dict(log=lambda msg: None)
+    same_eval = ["--eval.n=2", "--eval.batch=2"]  # as the previous test left the gen stages
+    with pytest.raises(FewstepError, match=r"sdtt_2048x2 was trained with other settings \(method.round_steps 2 -> 3"):
+        run_experiment(str(path), [*same_eval, "--distill.sdtt.round_steps=3"], **quiet)
+    import shutil
+
+    shutil.rmtree(path.parent / "runs" / "distill" / "sdtt_2048x2")
+    ran = run_experiment(str(path), [*same_eval, "--distill.sdtt.round_steps=3"], **quiet)["stages_run"]
+    assert ran == ["distill/sdtt_2048x2", "gen/sdtt", "bench/sdtt"]  # the student and what measured it
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--eval.nn=3", "unknown config key 'eval.nn'"),
+    ("--distill.methods=sdtt,nope", "unknown distillation method 'nope'"),
+    ("--distill.sdtt.round_stepz=3", "unknown config key 'method.round_stepz'"),
+    ("--judge.spec=gpt9", "judge.spec='gpt9' is invalid"),
+    ("--distill.teachers=3x3", "distill.teachers entry '3x3' is invalid"),
+    ("--model.kind=ar", "model.kind is set by the experiment"),
+    ("--train.max_steps=5", "train.max_steps is set by the experiment"),
+    ("--eval.ref_steps=3", "eval.ref_steps=3 must be one of eval.teacher_steps"),
+    ("--bogus.x=1", "unknown experiment config section 'bogus'"),
+    ("--distill.methods=sdtt,tcs", "distill.tcs.init='teacher' is invalid"),
+])
+def test_bad_config_is_one_line(experiment, capsys, override, needle):
+    path = experiment[0]
+    assert main(["experiment", str(path), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_presets_parse():
+    tiny, small, paper = load("tiny"), load("small"), load("paper")
+    assert tiny.base.data.tokenizer == "byte" and tiny.judge.spec == "best_ar"
+    assert small.base.data.tokenizer == "gpt2" and small.judge.spec == "train" and small.judge.epochs <= 10
+    assert paper.base.data.tokenizer == "gpt2" and paper.base.data.corpus.startswith("hf:")
+    assert paper.base.model.d_model == 768 and paper.base.model.n_layers == 12
+    for ex in (tiny, small, paper):
+        assert set(ex.methods) == set(ex.distill.methods) and ex.eval.ref_steps in ex.eval.teacher_steps
+    assert {"sdtt", "boot", "idlm", "didi"} <= set(paper.distill.methods)
+    with pytest.raises(FewstepError, match="unknown experiment config"):
+        load("no_such_experiment")
+    assert label(200_000, 4) == "200kx4" and label(1_000_000, 1.5) == "1Mx1.5" and label(0, 2) == "allx2"
