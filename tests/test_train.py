@@ -39,21 +39,21 @@ def test_resume_reproduces_uninterrupted_losses(pydoc_data, tmp_path):
     pretrain(full)
 
     cfg = load("tiny_mdlm", tiny_overrides(pydoc_data, tmp_path / "cut"))
-    import fewstep.diffusion.mdlm as mdlm
+    from fewstep.diffusion.objective import DiffusionObjective
 
-    real_step = mdlm.MDLMObjective.step
+    real_step = DiffusionObjective.step
 
     def crashing_step(self, x0, step):
         if step == 6:  # dies mid-run, after the checkpoint at step 4
             raise RuntimeError("simulated crash")
         return real_step(self, x0, step)
 
-    mdlm.MDLMObjective.step = crashing_step
+    DiffusionObjective.step = crashing_step
     try:
         with pytest.raises(RuntimeError, match="simulated crash"):
             pretrain(cfg)
     finally:
-        mdlm.MDLMObjective.step = real_step
+        DiffusionObjective.step = real_step
     assert checkpoint.latest(tmp_path / "cut").name == "step_0000004"
     summary = pretrain(cfg)
     assert summary["start_step"] == 4
@@ -67,15 +67,15 @@ def test_resume_reproduces_uninterrupted_losses(pydoc_data, tmp_path):
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(pydoc_data, tmp_path):
     cfg = load("tiny_mdlm", tiny_overrides(pydoc_data, tmp_path / "run"))
-    import fewstep.diffusion.mdlm as mdlm
+    from fewstep.diffusion.objective import DiffusionObjective
 
-    real_step = mdlm.MDLMObjective.step
+    real_step = DiffusionObjective.step
 
     def nan_step(self, x0, step):
         losses, logs = real_step(self, x0, step)
         return ({"model": losses["model"] * float("nan")} if step == 5 else losses), logs
 
-    mdlm.MDLMObjective.step = nan_step
+    DiffusionObjective.step = nan_step
     try:
         with pytest.raises(FewstepError, match="non-finite loss.*step 5.*step_0000004"):
             pretrain(cfg)
@@ -85,7 +85,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(pydoc_data, tmp_pa
         summary = pretrain(cfg)
         assert summary["skipped"] == 1 and summary["steps"] == 12
     finally:
-        mdlm.MDLMObjective.step = real_step
+        DiffusionObjective.step = real_step
 
 
 def test_other_run_in_out_dir_is_refused(pydoc_data, tmp_path):

@@ -25,9 +25,8 @@ def pretrain(cfg: RunConfig) -> dict:
     """Train an MDLM or AR model (cfg.model.kind) with the one training loop; returns the run summary."""
     from fewstep.ar import ARObjective
     from fewstep.data import TokenBlocks
-    from fewstep.diffusion.mdlm import MDLMObjective
+    from fewstep.diffusion.objective import DiffusionObjective
     from fewstep.diffusion.schedule import get_schedule
-    from fewstep.diffusion.uniform import UniformObjective
     from fewstep.models import build_model, model_spec
     from fewstep.train import fit, init_distributed
 
@@ -35,10 +34,8 @@ def pretrain(cfg: RunConfig) -> dict:
     dmeta = data_meta(cfg, rank, world)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, dmeta["vocab_size"]).to(device)
-    if cfg.model.kind == "mdlm":
-        task = MDLMObjective(model, get_schedule(cfg.model.schedule), cfg.train.antithetic)
-    elif cfg.model.kind == "uniform":
-        task = UniformObjective(model, get_schedule(cfg.model.schedule), cfg.train.antithetic)
+    if cfg.model.kind in ("mdlm", "uniform"):
+        task = DiffusionObjective(model, get_schedule(cfg.model.schedule), cfg.train.antithetic)
     else:
         task = ARObjective(model)
     train = TokenBlocks(cfg.data.dir, "train", cfg.model.seq_len, cfg.data.unique_tokens)

@@ -59,25 +59,3 @@ def nelbo(model, schedule, x0: torch.Tensor, t: torch.Tensor, mask_id: int, gene
     nll = -log_p.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
     nll = torch.where(x_t == mask_id, nll, torch.zeros_like(nll))
     return weight(schedule, t) * nll.sum(-1)
-
-
-class MDLMObjective:
-    """MDLM pre-training as a `step()` for the one training loop."""
-
-    def __init__(self, model: MaskedDenoiser, schedule, antithetic: bool = True):
-        self.model, self.schedule, self.antithetic = model, schedule, antithetic
-
-    def trainable(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
-
-    def step(self, x0: torch.Tensor, step: int):
-        t = sample_t(x0.shape[0], x0.device, self.antithetic)
-        loss = nelbo(self.model, self.schedule, x0, t, self.model.mask_id).mean() / x0.shape[1]  # nats/token
-        return {"model": loss}, {"nelbo": loss.detach()}
-
-    @torch.no_grad()
-    def validate(self, x0: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
-        """Summed NELBO (nats) of a validation batch; a fixed generator makes the estimate repeatable."""
-        t = sample_t(x0.shape[0], x0.device, antithetic=True, generator=generator)
-        nats = nelbo(self.model, self.schedule, x0, t, self.model.mask_id, generator).sum().item()
-        return {"nats": nats, "tokens": x0.numel()}

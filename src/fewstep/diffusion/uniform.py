@@ -22,8 +22,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fewstep.diffusion.mdlm import sample_t
-
 
 class UniformDenoiser(nn.Module):
     """`forward(z_t: (B, L) long, t: (B,)) -> (B, L, N) log x_theta(z_t, t)` in float32. Always time-conditioned:
@@ -85,23 +83,3 @@ def posterior_probs(x_theta: torch.Tensor, z_t: torch.Tensor, alpha_s: float, al
     like = torch.full_like(x_theta, (1 - a_ts) / N).scatter_add_(
         -1, z_t[..., None], torch.full_like(x_theta[..., :1], a_ts))  # q(z_t | z_s = v)
     return like * (alpha_s * x_theta + (1 - alpha_s) / N)
-
-
-class UniformObjective:
-    """Uniform-state diffusion pre-training as a `step()` for the one training loop."""
-
-    def __init__(self, model: UniformDenoiser, schedule, antithetic: bool = True):
-        self.model, self.schedule, self.antithetic = model, schedule, antithetic
-
-    def trainable(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
-
-    def step(self, x0: torch.Tensor, step: int):
-        t = sample_t(x0.shape[0], x0.device, self.antithetic, eps=1e-3)
-        loss = nelbo(self.model, self.schedule, x0, t).mean() / x0.shape[1]  # nats/token
-        return {"model": loss}, {"nelbo": loss.detach()}
-
-    @torch.no_grad()
-    def validate(self, x0: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
-        t = sample_t(x0.shape[0], x0.device, antithetic=True, eps=1e-3, generator=generator)
-        return {"nats": nelbo(self.model, self.schedule, x0, t, generator).sum().item(), "tokens": x0.numel()}

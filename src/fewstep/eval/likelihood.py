@@ -32,18 +32,13 @@ from fewstep.eval.judge import module_device
 def objective(model, meta: dict):
     """The pre-training objective of a loaded checkpoint; its `validate` is the validation metric."""
     from fewstep.ar import ARObjective
-    from fewstep.diffusion.mdlm import MDLMObjective
+    from fewstep.diffusion.objective import DiffusionObjective
     from fewstep.diffusion.schedule import get_schedule
 
     if meta["kind"] == "ar":
         return ARObjective(model)
-    schedule = get_schedule(meta["model"].get("schedule", "loglinear"))
-    if meta["kind"] == "mdlm":
-        return MDLMObjective(model, schedule)
-    if meta["kind"] == "uniform":  # uniform-state diffusion (UDLM / Duo): its own NELBO, also a bound
-        from fewstep.diffusion.uniform import UniformObjective
-
-        return UniformObjective(model, schedule)
+    if meta["kind"] in ("mdlm", "uniform"):  # the masked NELBO, or the uniform-state one: both are bounds
+        return DiffusionObjective(model, get_schedule(meta["model"].get("schedule", "loglinear")))
     raise FewstepError(f"no likelihood for a model of kind '{meta['kind']}'")
 
 
