@@ -76,6 +76,73 @@ def test_tcs_full_targets_are_the_chains_full_conditionals():
     assert torch.allclose(got, true, atol=1e-5)
 
 
+def test_taylor_delta_is_the_directional_derivative_of_the_suffix():
+    """delta_i(y) = d/d eps S_i(e_i + eps (E_y - E_{x^i})) at 0, S_i the teacher's log-likelihood of tokens j > i."""
+    from fewstep.models.transformer import Transformer
+
+    torch.manual_seed(0)
+    lm = Transformer(7, 16, 16, 2, 2, causal=True).double().eval()
+    teacher = ARTeacher(lm, boundary_id=6, vocab_size=6, max_len=16, name="t")
+    x = torch.randint(0, 6, (2, 8))
+    _, delta = teacher.suffix_taylor(x)
+    E = lm.embed.weight[:6].detach()
+
+    def suffix(b, i, e_new):  # S_i with the input embedding of token i (input position i + 1) replaced
+        def hook(module, inputs, out):
+            out = out.clone()
+            out[b, i + 1] = e_new
+            return out
+
+        handle = lm.embed.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                lp = teacher(x)[b].gather(-1, x[b][:, None]).squeeze(-1)  # (L,) log p(x^j | x^{<j})
+        finally:
+            handle.remove()
+        return float(lp[i + 1 :].sum())
+
+    for b, i, y in [(0, 2, 3), (1, 0, 5), (1, 5, 1), (0, 6, 0)]:
+        e0, eps = E[x[b, i]], 1e-2  # the teacher returns float32: a central difference at this step
+        fd = (suffix(b, i, e0 + eps * (E[y] - e0)) - suffix(b, i, e0 - eps * (E[y] - e0))) / (2 * eps)
+        assert abs(fd - float(delta[b, i, y])) < 1e-3 + 1e-2 * abs(fd)
+    assert torch.all(delta[:, -1] == 0) and torch.all(delta.gather(-1, x[..., None]).abs() < 1e-6)
+
+
+class MarkovEmbeddingLM(nn.Module):
+    """The chain as a causal LM with a one-hot input embedding: logits = onehot(x) @ [log P; log pi]."""
+
+    def __init__(self, chain: MarkovChain):
+        super().__init__()
+        self.embed = nn.Embedding(chain.V + 1, chain.V + 1, _weight=torch.eye(chain.V + 1, dtype=torch.float64))
+        self.register_buffer("table", torch.cat([chain.P.log(), chain.pi.log()[None]]))
+
+    def forward(self, x):  # (B, L) -> (B, L, V)
+        return self.embed(x) @ self.table
+
+
+def test_tcs_taylor_targets_see_the_right_context():
+    """On Markov chains the first-order suffix term brings the target closer to the exact full conditional
+    p(x^i | x^{i-1}, x^{i+1}) than the prefix target p(x^i | x^{i-1}): mean KL over interior positions at least 15%
+    lower on every chain tried (the linearisation is not exact: log-softmax is not linear in the one-hot input)."""
+    for seed in range(6):
+        chain = MarkovChain(vocab=6, seed=seed)
+        x0 = chain.sample(64, 8, generator=torch.Generator().manual_seed(0))
+        masked = torch.zeros_like(x0, dtype=torch.bool)
+        masked[:, 1:-1] = True  # interior positions: both neighbours observed
+        setup = markov_setup(chain, L=8)
+        setup.teacher = ARTeacher(MarkovEmbeddingLM(chain), boundary_id=chain.V, vocab_size=chain.V, max_len=64,
+                                  name="markov").requires_grad_(False).eval()
+        b, i = masked.nonzero(as_tuple=True)
+        evidence = nn.functional.one_hot(x0[b], chain.V).double()
+        evidence[torch.arange(len(b)), i] = 1.0
+        true = posterior_marginals(chain, evidence)[torch.arange(len(b)), i]  # (N, V)
+        kl = {}
+        for target in ("prefix", "taylor"):
+            _, log_q = TCS(TCS.Config(target=target, top_k=0), setup).targets(x0, masked)
+            kl[target] = float((true * (true.log() - log_q.double())).sum(-1).mean())
+        assert kl["taylor"] < 0.85 * kl["prefix"], (seed, kl)
+
+
 def test_forward_kl_and_top_k():
     log_q = torch.tensor([[0.7, 0.2, 0.1]]).log()
     log_p = torch.tensor([[0.5, 0.25, 0.25]]).log()

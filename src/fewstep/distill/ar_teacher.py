@@ -49,6 +49,38 @@ class ARTeacher(nn.Module):
         return logits[..., : self.vocab_size].log_softmax(-1)  # (B, L, V)
 
 
+    def suffix_taylor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log_pre, delta), both (B, L, V): the prefix conditionals log p_AR(x^i = v | x^{<i}) and the first-order
+        change of the suffix log-likelihood S_i(x) = sum_{j>i} log p_AR(x^j | x^{<j}) when token i becomes v,
+
+            delta_i(v) = (E_v - E_{x^i}) . dS/de_i    (e_i: the input embedding of token i, E: the embedding table)
+
+        from ONE forward and ONE backward pass of the teacher (TCS's gradient-informed estimate of the full
+        conditional). delta is 0 at the last position (no suffix)."""
+        emb = self.lm.get_input_embeddings() if hasattr(self.lm, "get_input_embeddings") else next(
+            m for m in self.lm.modules() if isinstance(m, nn.Embedding))
+        store = {}
+
+        def hook(module, inputs, out):
+            out = out.detach().requires_grad_(True)  # a leaf: dS/de without touching the frozen weights
+            store["e"] = out
+            return out
+
+        handle = emb.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                log_pre = self(x)  # (B, L, V); input position p + 1 holds token x^p
+                ll = log_pre.gather(-1, x[..., None]).sum()  # sum_j log p(x^j | x^{<j})
+                (g,) = torch.autograd.grad(ll, store["e"])  # (B, L, D)
+        finally:
+            handle.remove()
+        g = g[:, 1:].float()  # (B, L - 1, D): gradient at the embedding of x^0 .. x^{L-2}
+        table = emb.weight[: self.vocab_size].detach().float()  # (V, D)
+        delta = g @ table.T - (g * table[x[:, :-1]]).sum(-1, keepdim=True)  # (B, L - 1, V)
+        delta = torch.cat([delta, torch.zeros_like(delta[:, :1])], 1)  # (B, L, V)
+        return log_pre.detach(), delta
+
+
 def load_ar_teacher(spec: str, device) -> tuple[ARTeacher, dict]:
     """(frozen ARTeacher, meta) for "smollm2", "hf:<path or id>" or a fewstep checkpoint of kind "ar".
 

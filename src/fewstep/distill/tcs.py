@@ -28,6 +28,11 @@ p*(y | x_t) = E_{x0 ~ data | x_t}[ q^i(y | x0) ].  Two targets (`target`):
             p* = E[p_AR(y | x0^{<i}) | x_t] equals the teacher's denoiser p_AR(x0^i = y | x_t) exactly when no
             unmasked token of x_t lies right of i (left-to-right / block-causal states, the last-masked positions
             of semi-AR decoding); with unmasked tokens on the right it is biased toward the left-to-right conditional.
+  "taylor"  q^i(y | x0) ∝ p_AR(y | x0^{<i}) exp(delta_i(y)), delta_i(y) = (E_y - E_{x0^i}) . dS_i/de_i: the suffix
+            term of "full" replaced by its first-order expansion in the input embedding e_i of token i
+            (ARTeacher.suffix_taylor), S_i = sum_{j>i} log p_AR(x0^j | x0^{<j}). One forward and one backward
+            teacher pass for every position at once; it sees the right context, at the price of the linearisation
+            (exact only where S_i is linear in e_i). Top K is taken on the combined logits.
             `data_weight` lambda > 0 adds lambda * MDLM's cross-entropy on the data token, -log p_theta(x0^i | x_t)
             (the one-hot target, unbiased for the data distribution), as an anchor.
 
@@ -55,7 +60,7 @@ class TCS:
     @dataclass
     class Config:
         steps: int = 1000  # optimiser steps when train.max_steps = 0
-        target: str = "prefix"  # "prefix" (one teacher pass) | "full" (exact full conditional on K candidates)
+        target: str = "prefix"  # "prefix" (one pass) | "taylor" (+ one backward) | "full" (exact, K |M| passes)
         top_k: int = 16  # K: teacher targets truncated to their top K tokens; 0 = full vocabulary ("prefix" only)
         data_weight: float = 0.0  # lambda: weight of MDLM's cross-entropy on the data token (anchor, see doc)
         full_chunk: int = 256  # candidate sequences per teacher pass for target = "full"
@@ -63,8 +68,8 @@ class TCS:
 
     def __init__(self, config: Config, setup: Setup):
         self.cfg, self.s = config, setup
-        if config.target not in ("prefix", "full"):
-            raise FewstepError(f"method.target must be 'prefix' or 'full', got {config.target!r}")
+        if config.target not in ("prefix", "taylor", "full"):
+            raise FewstepError(f"method.target must be 'prefix', 'taylor' or 'full', got {config.target!r}")
         if config.top_k < 0 or (config.target == "full" and config.top_k < 1):
             raise FewstepError(f"method.top_k={config.top_k}: must be >= 0, and >= 1 for target = 'full'")
         if config.data_weight < 0 or config.full_chunk < 1:
@@ -81,6 +86,9 @@ class TCS:
     @torch.no_grad()
     def targets(self, x0: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(indices (N, K) or None, log q (N, K)) at the N masked positions of x0 (B, L), row-major order."""
+        if self.cfg.target == "taylor":
+            log_pre, delta = self.teacher.suffix_taylor(x0)  # (B, L, V) each
+            return top_k_targets((log_pre + delta)[masked].log_softmax(-1), self.cfg.top_k)  # (N, K)
         log_pre = self.teacher(x0)  # (B, L, V): p_AR(x^i | x0^{<i}) for every i, one pass
         idx, log_q = top_k_targets(log_pre[masked], self.cfg.top_k)  # (N, K)
         if self.cfg.target == "prefix":
