@@ -150,3 +150,20 @@ class TokenCounter:
         self.step = step
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         return (step + 1) * self.calls * tokens * world
+
+
+class ARDistillation:
+    """What the AR-teacher methods share: the trained student, the frozen AR teacher and the token counter."""
+
+    teacher_kinds = ("ar",)
+
+    def __init__(self, config, setup):
+        self.cfg, self.s = config, setup
+        self.student, self.teacher = setup.student, setup.teacher
+        self.count = TokenCounter()
+
+    def trainable(self):
+        return {"student": self.student}
+
+    def planned_steps(self) -> int:
+        return self.cfg.steps

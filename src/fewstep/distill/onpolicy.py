@@ -33,13 +33,12 @@ import torch
 
 from fewstep.config import FewstepError
 from fewstep.diffusion.sampling import sample
-from fewstep.distill.ar_teacher import TokenCounter, forward_kl, top_k_targets
+from fewstep.distill.ar_teacher import ARDistillation, forward_kl, top_k_targets
 from fewstep.distill.common import Setup
 
 
-class OnPolicy:
+class OnPolicy(ARDistillation):
     data_free = True
-    teacher_kinds = ("ar",)
 
     @dataclass
     class Config:
@@ -53,7 +52,6 @@ class OnPolicy:
         time_cond: bool = False
 
     def __init__(self, config: Config, setup: Setup):
-        self.cfg, self.s = config, setup
         if config.decode_steps < 1 or config.states < 1 or config.top_k < 0 or config.block < 0:
             raise FewstepError("method.decode_steps and method.states must be >= 1, method.top_k and method.block >= 0")
         if config.unmask not in ("confidence", "random"):
@@ -62,18 +60,10 @@ class OnPolicy:
             n_blocks = -(-setup.seq_len // config.block)
             if config.unmask != "confidence" or config.decode_steps % n_blocks:
                 raise FewstepError(f"method.block={config.block}: needs unmask = 'confidence' and decode_steps a "
-                                   f"multiple "
-                                   f"of the {n_blocks} blocks")
+                                   f"multiple of the {n_blocks} blocks")
         if config.temperature <= 0:
             raise FewstepError("method.temperature must be > 0")
-        self.student, self.teacher = setup.student, setup.teacher
-        self.count = TokenCounter()
-
-    def trainable(self):
-        return {"student": self.student}
-
-    def planned_steps(self) -> int:
-        return self.cfg.steps
+        super().__init__(config, setup)
 
     @torch.no_grad()
     def rollout(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -49,13 +49,12 @@ import torch.nn.functional as F
 
 from fewstep.config import FewstepError
 from fewstep.diffusion.mdlm import nelbo, q_xt, sample_t
-from fewstep.distill.ar_teacher import TokenCounter, forward_kl, top_k_targets
+from fewstep.distill.ar_teacher import ARDistillation, forward_kl, top_k_targets
 from fewstep.distill.common import Setup
 
 
-class TCS:
+class TCS(ARDistillation):
     data_free = False
-    teacher_kinds = ("ar",)
 
     @dataclass
     class Config:
@@ -67,21 +66,13 @@ class TCS:
         time_cond: bool = False  # add adaLN time conditioning to the student
 
     def __init__(self, config: Config, setup: Setup):
-        self.cfg, self.s = config, setup
         if config.target not in ("prefix", "taylor", "full"):
             raise FewstepError(f"method.target must be 'prefix', 'taylor' or 'full', got {config.target!r}")
         if config.top_k < 0 or (config.target == "full" and config.top_k < 1):
             raise FewstepError(f"method.top_k={config.top_k}: must be >= 0, and >= 1 for target = 'full'")
         if config.data_weight < 0 or config.full_chunk < 1:
             raise FewstepError("method.data_weight must be >= 0 and method.full_chunk >= 1")
-        self.student, self.teacher = setup.student, setup.teacher
-        self.count = TokenCounter()
-
-    def trainable(self):
-        return {"student": self.student}
-
-    def planned_steps(self) -> int:
-        return self.cfg.steps
+        super().__init__(config, setup)
 
     @torch.no_grad()
     def targets(self, x0: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
