@@ -233,7 +233,7 @@ def add_args(p) -> None:
     p.add_argument("--eager", action="store_true", help="CUDA: keep float32 weights under autocast and no CUDA "
                    "graphs (default: bf16 weights, DLM call and AR decode step replayed from CUDA graphs)")
     p.add_argument("--compile", action="store_true", help="also torch.compile the DLM's call (the AR decode "
-                   "step stays a CUDA graph of the eager step: compiling it recompiles per position)")
+                   "step stays a CUDA graph of the eager step: compiled, it recompiles for every new KV cache)")
     p.add_argument("--device", default=None)
     add_guide_args(p)
 
