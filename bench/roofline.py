@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from fewstep.diffusion.sampling import sample
+from fewstep.diffusion.sampling import filter_probs, sample, sample_categorical
 from fewstep.diffusion.schedule import get_schedule
 from fewstep.eval.bench import PRESETS, random_models
 from fewstep.eval.speed import device_name, git_sha, timed
+from fewstep.models.inference import GraphedDenoiser, capture
 
 
 def matmul_rate(m: int, k: int, n: int, device, repeats: int = 20) -> float:
@@ -64,18 +65,10 @@ def step_cost(model, batch: int, length: int) -> dict:
 
 def cuda_graph(fn, *args):
     """Capture fn(*args) (static inputs) in a CUDA graph; returns replay() -> the static output."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn(*args)
+    graph, out = capture(fn, *args, warmup=3)
 
     def replay():
-        g.replay()
+        graph.replay()
         return out
 
     return replay
@@ -136,8 +129,6 @@ def main(argv=None) -> int:
         if cuda:
             time_it("forward bf16 weights, CUDA graph", cuda_graph(half, x, t))
         if cuda:
-            from fewstep.models.inference import GraphedDenoiser
-
             g_eager = GraphedDenoiser(half)
             time_it("sampler step bf16 weights, CUDA graph", lambda: step(g_eager, "fp32"))
         if not args.no_compile:
@@ -150,8 +141,6 @@ def main(argv=None) -> int:
                 g_comp = GraphedDenoiser(half, compile=True)
                 time_it("sampler step bf16 weights, compiled + CUDA graph", lambda: step(g_comp, "fp32"))
         logp = half(x, t)
-        from fewstep.diffusion.sampling import filter_probs, sample_categorical
-
         time_it("float64 draw over (B, L, V)", lambda: sample_categorical(filter_probs(logp), gen))
 
     ok = {k: v for k, v in variants.items() if v}

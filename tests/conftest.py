@@ -28,3 +28,18 @@ def tiny_overrides(data_dir, out_dir, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"--{k}={v}" for k, v in base.items()]
+
+
+def forbid_data_access(monkeypatch) -> None:
+    """Make every way of reading training data raise: a data-free method must never trip it."""
+    import fewstep.data as data
+    import fewstep.data.corpus as corpus
+    import fewstep.data.stream as stream
+
+    def touched(*a, **k):
+        raise AssertionError("the data loader was touched")
+
+    for mod, attr in [(stream.TokenBlocks, "__init__"), (stream.TokenBlocks, "batch"),
+                      (stream.TokenBlocks, "iter_eval"), (stream, "load_meta"), (data, "load_meta"),
+                      (corpus, "ensure"), (corpus, "build")]:
+        monkeypatch.setattr(mod, attr, touched)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import tiny_overrides
+from conftest import forbid_data_access, tiny_overrides
 from fewstep import checkpoint
 from fewstep.config import FewstepError, ModelConfig, load
 from fewstep.diffusion.mdlm import NEG_INF
@@ -229,18 +229,9 @@ def test_methods_train_keep_the_teacher_and_count_tokens(ar_teacher, tmp_path, n
 
 
 def test_onpolicy_rolls_out_the_student_and_never_touches_the_data(ar_teacher, tmp_path, monkeypatch):
-    import fewstep.data as data
-    import fewstep.data.corpus as corpus
-    import fewstep.data.stream as stream
     import fewstep.distill.onpolicy as onpolicy
 
-    def touched(*a, **k):
-        raise AssertionError("the data loader was touched")
-
-    for mod, attr in [(stream.TokenBlocks, "__init__"), (stream.TokenBlocks, "batch"),
-                      (stream.TokenBlocks, "iter_eval"), (stream, "load_meta"), (data, "load_meta"),
-                      (corpus, "ensure"), (corpus, "build")]:
-        monkeypatch.setattr(mod, attr, touched)
+    forbid_data_access(monkeypatch)
     calls, scored = [], []
 
     def spy_sample(model, schedule, **kw):  # the one sampling function, called on the student

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import forbid_data_access, tiny_overrides
 from fewstep import checkpoint
 from fewstep.config import FewstepError, load
 from fewstep.distill import METHODS
@@ -123,17 +123,7 @@ def test_cli_distill_then_sample(teacher, tmp_path):
 
 
 def test_boot_never_touches_the_data(teacher, tmp_path, monkeypatch):
-    import fewstep.data as data
-    import fewstep.data.corpus as corpus
-    import fewstep.data.stream as stream
-
-    def touched(*a, **k):
-        raise AssertionError("the data loader was touched")
-
-    for mod, attr in [(stream.TokenBlocks, "__init__"), (stream.TokenBlocks, "batch"),
-                      (stream.TokenBlocks, "iter_eval"), (stream, "load_meta"), (data, "load_meta"),
-                      (corpus, "ensure"), (corpus, "build")]:
-        monkeypatch.setattr(mod, attr, touched)
+    forbid_data_access(monkeypatch)
     summary = distill(distill_cfg(teacher, tmp_path / "boot", "boot"))
     assert summary["data_free"] and summary["steps"] == 6
     assert checkpoint.read_meta(checkpoint.latest(tmp_path / "boot"))["distill"]["data_free"]

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fewstep.diffusion.sampling import autocast, filter_probs, sample_categorical
+from fewstep.models.inference import capture
 
 
 def ar_nll(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,7 @@ def ar_sample(
         with autocast(device, precision):
             return model(inp, cache=cache)[:, -1] if cache is not None else model(inp)[:, -1]  # (B, V)
 
-    decode = _graphed_decode(forward, cache, x) if cuda_graph else None
+    decode = _graphed_decode(forward, cache) if cuda_graph else None
     out = []
     logits = forward(x)  # prefill (or the whole prefix without a cache)
     for i in range(length):
@@ -82,12 +83,15 @@ def ar_sample(
         out.append(nxt)
         if i == length - 1:
             break
-        x = torch.cat([x, nxt[:, None]], dim=1)
-        logits = decode(nxt) if decode is not None else forward(nxt[:, None] if cache is not None else x)
+        if cache is None:  # without a cache every step re-reads the whole prefix
+            x = torch.cat([x, nxt[:, None]], dim=1)
+            logits = forward(x)
+        else:
+            logits = decode(nxt) if decode is not None else forward(nxt[:, None])
     return torch.stack(out, dim=1)
 
 
-def _graphed_decode(forward, cache, x: torch.Tensor):
+def _graphed_decode(forward, cache):
     """decode(token (B,)) -> logits (B, V) of the next position: one static-cache step replayed from a CUDA graph.
 
     Switched to static mode after the prefill has run (first call); the graph writes K/V at cache.pos_t, which is
@@ -99,15 +103,8 @@ def _graphed_decode(forward, cache, x: torch.Tensor):
         if not state:
             cache.pos_t = torch.tensor([cache.pos], device=tok.device)
             state["tok"] = tok[:, None].clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the graph: writes at pos_t are rewritten by the replay
-                forward(state["tok"])
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                state["out"] = forward(state["tok"])
-            state["graph"] = graph
+            # the warm-up writes K/V at pos_t too: the replay below rewrites that same position
+            state["graph"], state["out"] = capture(forward, state["tok"], warmup=1)
         else:
             cache.pos_t.add_(1)
         state["tok"].copy_(tok[:, None])

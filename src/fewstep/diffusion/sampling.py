@@ -158,15 +158,14 @@ def sample(
                 trajectory.append(x.clone())
             continue
         masked = x == mask_id  # (B, L)
+        move = 1.0 if s <= 0 else (a_s - a_t) / (1 - a_t)  # P(masked -> token); at s = 0 nothing stays masked
         if k == steps - 1 and greedy_tail:
             x_new, changed = torch.where(masked, log_p.argmax(-1), x), True  # unmasked tokens never change
         elif unmask == "confidence":
             eligible = masked if blocks is None else masked & blocks[k].to(x.device)  # (B, L)
-            move = 1.0 if s <= 0 else (a_s - a_t) / (1 - a_t)
             x_new = confidence_step(log_p, x, eligible, move, temperature, top_p, generator)
             changed = bool((x_new != x).any())
         else:
-            move = 1.0 if s <= 0 else (a_s - a_t) / (1 - a_t)  # P(masked -> token); at s = 0 nothing stays masked
             u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
             rows = (masked & (u < move)).reshape(-1).nonzero().squeeze(1)  # (N,) flat positions unmasking now
             lp = log_p.flatten(0, 1)[rows]  # (N, V)

@@ -265,14 +265,12 @@ def bench_from_args(args, log=print, on_row=None) -> tuple[list[dict], dict]:
     dlm, ar, lm, info = bench_models(args.preset, args.ckpt, args.ar_ckpt, None if hf == "none" else hf, device)
     fast = device.type == "cuda" and not getattr(args, "eager", False)
     compile_ = bool(getattr(args, "compile", False))
-    if fast:
-        from fewstep.models.inference import for_inference
+    from fewstep.models.inference import for_inference
 
-        dlm = for_inference(dlm, device, compile=compile_)
+    dlm = for_inference(dlm, device, bf16=fast, compile=compile_, cuda_graph=fast)
+    if fast:
         ar = ar.to(torch.bfloat16) if ar is not None else None
         lm = lm.to(torch.bfloat16) if lm is not None else None
-    if compile_ and not fast:
-        dlm = torch.compile(dlm)
     info.update(weights_dtype="bf16" if fast else "fp32", cuda_graphs=fast, dlm_compiled=compile_)
     p = PRESETS.get(args.preset or "", {})
     length = args.length or p.get("length") or dlm.backbone.seq_len

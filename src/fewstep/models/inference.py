@@ -13,6 +13,21 @@ import torch
 import torch.nn as nn
 
 
+def capture(fn, *args, warmup: int = 2):
+    """(graph, out): fn(*args) captured in a CUDA graph after `warmup` runs on a side stream (kernel selection,
+    compilation); replaying the graph recomputes `out` in place from the current contents of `args`."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*args)
+    return graph, out
+
+
 class GraphedDenoiser:
     """`model(x_t, t) -> log p(x0 | x_t)` replayed from one CUDA graph per (x_t, t) shape."""
 
@@ -32,17 +47,8 @@ class GraphedDenoiser:
         key = (tuple(x_t.shape), tuple(t.shape))
         if key not in self.graphs:
             sx, st = x_t.clone(), t.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up (and compilation) outside the graph
-                for _ in range(2):
-                    self.fn(sx, st)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self.fn(sx, st)
-            self.graphs[key] = (graph, sx, st, out)
-        graph, sx, st, out = self.graphs[key]
+            self.graphs[key] = (*capture(self.fn, sx, st), sx, st)
+        graph, out, sx, st = self.graphs[key]
         sx.copy_(x_t)
         st.copy_(t)
         graph.replay()
