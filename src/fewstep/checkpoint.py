@@ -64,8 +64,8 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    sd = opt.state_dict()
+def _optim_tensors(opt: torch.optim.Optimizer | dict) -> tuple[dict, dict]:
+    sd = opt if isinstance(opt, dict) else opt.state_dict()
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -87,10 +87,11 @@ def _load_optim(opt: torch.optim.Optimizer, tensors: dict, info: dict) -> None:
     opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
 
-def save(run_dir: str | Path, step: int, *, modules: dict[str, nn.Module], meta: dict,
-         optimizers: dict[str, torch.optim.Optimizer] | None = None, state: dict | None = None,
+def save(run_dir: str | Path, step: int, *, modules: dict[str, nn.Module | dict], meta: dict,
+         optimizers: dict[str, torch.optim.Optimizer | dict] | None = None, state: dict | None = None,
          rng: dict[str, torch.Tensor] | None = None, keep_last: int = 2) -> Path:
-    """Write step_XXXXXXX atomically; `meta` is JSON (configs, model specs), `state` JSON-able loop state."""
+    """Write step_XXXXXXX atomically; `meta` is JSON (configs, model specs), `state` JSON-able loop state.
+    A module or optimizer may be given as its (full) state dict, e.g. one gathered from FSDP shards."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*run_dir.glob(".tmp_step_*"), *run_dir.glob(".del_step_*")]:  # left by a killed run
@@ -99,7 +100,8 @@ def save(run_dir: str | Path, step: int, *, modules: dict[str, nn.Module], meta:
     tmp = run_dir / f".tmp_step_{step:07d}"
     tmp.mkdir()
     for name, module in modules.items():
-        sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        sd = module if isinstance(module, dict) else module.state_dict()
+        sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
         save_file(sd, tmp / f"{name}.safetensors")
         if name == next(iter(modules)):
             _test_pause()
@@ -227,13 +229,7 @@ def load_training_state(ckpt: Path, modules: dict[str, nn.Module], optimizers: d
     meta = read_meta(ckpt)
     for name, module in modules.items():
         load_into(module, ckpt / f"{name}.safetensors")
-    for name, opt in optimizers.items():
-        tensors = load_tensors(ckpt / f"optim_{name}.safetensors")
-        try:
-            _load_optim(opt, tensors, meta["optim"][name])
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise FewstepError(f"{ckpt}: optimizer state '{name}' does not fit this run ({type(e).__name__}: "
-                               f"{e}); delete {ckpt.name} to resume from the checkpoint before it") from None
+    load_optimizers(ckpt, optimizers, meta)
     meta["rng"] = rng = load_tensors(ckpt / "rng.safetensors")  # an exact resume needs the RNG states
     cpu = rng.get("cpu")
     if cpu is None or cpu.dtype != torch.uint8 or cpu.shape != torch.get_rng_state().shape or any(
@@ -241,6 +237,18 @@ def load_training_state(ckpt: Path, modules: dict[str, nn.Module], optimizers: d
         raise FewstepError(f"{ckpt / 'rng.safetensors'} holds no valid RNG state: delete {ckpt.name} to resume from "
                            "the checkpoint before it")
     return meta
+
+
+def load_optimizers(ckpt: Path, optimizers: dict, meta: dict) -> None:
+    """Restore optimizer states (part of load_training_state; separate for FSDP, whose optimizers are built on the
+    sharded parameters after the full weights are loaded)."""
+    for name, opt in optimizers.items():
+        tensors = load_tensors(ckpt / f"optim_{name}.safetensors")
+        try:
+            _load_optim(opt, tensors, meta["optim"][name])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise FewstepError(f"{ckpt}: optimizer state '{name}' does not fit this run ({type(e).__name__}: "
+                               f"{e}); delete {ckpt.name} to resume from the checkpoint before it") from None
 
 
 def _device(device) -> torch.device:

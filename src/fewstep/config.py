@@ -71,6 +71,7 @@ class TrainConfig:
     antithetic: bool = True
     nan_policy: str = "stop"  # "stop" (keep last good checkpoint) or "skip" (drop the step and report)
     deterministic: bool = False  # torch.use_deterministic_algorithms + every RNG seeded (see docs/reliability.md)
+    parallel: str = "ddp"  # under torchrun: "ddp" (full weights per rank) or "fsdp" (FSDP2, see docs/performance.md)
 
 
 @dataclass
@@ -257,5 +258,6 @@ def check(cfg: RunConfig) -> None:
     _require(0 <= t.seed < 2**63, "train.seed", t.seed, "must be in [0, 2**63)")
     _require(t.precision in ("auto", "bf16", "fp32"), "train.precision", t.precision, "use auto, bf16 or fp32")
     _require(t.nan_policy in ("stop", "skip"), "train.nan_policy", t.nan_policy, "use stop or skip")
+    _require(t.parallel in ("ddp", "fsdp"), "train.parallel", t.parallel, "use ddp or fsdp")
     _require(bool(t.out_dir.strip()) and "\0" not in t.out_dir, "train.out_dir", t.out_dir,
              "must be non-empty, without NUL")

@@ -8,6 +8,10 @@ clipping or checkpoints.
 
 Exact resume: data batches are a pure function of the step (see data.stream), and the checkpoint holds weights,
 EMA, optimizer moments and RNG states; a resumed run reproduces the uninterrupted run's losses.
+
+Under torchrun, `train.parallel` picks data parallelism: "ddp" (every rank holds the full weights; gradients are
+averaged by `_all_reduce_grads`) or "fsdp" (FSDP2: weights, gradients and optimizer moments sharded over ranks,
+see fewstep.parallel). Both write the same checkpoint format.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
-from fewstep import checkpoint
+from fewstep import checkpoint, parallel
 from fewstep.config import FewstepError, RunConfig, to_dict
 from fewstep.diffusion.sampling import autocast
 
@@ -69,8 +73,15 @@ def flops_per_token(module: torch.nn.Module, seq_len: int) -> float:
 
 
 def _swap(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    for p, q in zip(a.parameters(), b.parameters()):
-        p.data, q.data = q.data, p.data
+    with torch.no_grad():
+        for p, q in zip(a.parameters(), b.parameters()):
+            if parallel.is_sharded(p):  # FSDP holds its own reference to a shard: swap the values in place
+                p, q = p.to_local(), q.to_local()
+                tmp = p.clone()
+                p.copy_(q)
+                q.copy_(tmp)
+            else:
+                p.data, q.data = q.data, p.data
 
 
 def set_deterministic(seed: int | None = None) -> None:
@@ -102,16 +113,40 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], bucket_bytes: int = 64 *
             g.copy_(v.view_as(g))
 
 
-def _finite_weights(modules: dict[str, torch.nn.Module]) -> list[str]:
-    """Names of modules holding a non-finite parameter (a step that overflowed the weights themselves)."""
-    return [n for n, m in modules.items() if not all(bool(torch.isfinite(p).all()) for p in m.parameters())]
+def _finite_weights(modules: dict[str, torch.nn.Module], sharded_on: torch.device | None = None) -> list[str]:
+    """Names of modules holding a non-finite parameter (a step that overflowed the weights themselves). With
+    sharded weights (`sharded_on` the collective's device) each rank checks its shards and all ranks agree."""
+    bad = torch.tensor([not all(bool(torch.isfinite(parallel.local(p)).all()) for p in m.parameters())
+                        for m in modules.values()], dtype=torch.int32)
+    if sharded_on is not None:
+        bad = bad.to(sharded_on)
+        torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)
+    return [n for n, b in zip(modules, bad.tolist()) if b]
 
 
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+def _rng_state(device: torch.device, world: int = 1) -> dict[str, torch.Tensor]:
+    """This process's RNG states; under torchrun every rank's (a collective), rank r > 0 as "cpu.r", "cuda.r"."""
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
+    if world > 1:  # each rank draws its own noise: an exact resume restores every rank's generator
+        gathered = {}
+        for k, v in rng.items():  # byte tensors of one size on every rank (no pickling, even in transit)
+            parts = [torch.empty_like(v.to(device)) for _ in range(world)]
+            torch_dist.all_gather(parts, v.to(device))
+            gathered.update({k if r == 0 else f"{k}.{r}": t.cpu() for r, t in enumerate(parts)})
+        rng = gathered
     return rng
+
+
+def _set_rng_state(rng: dict[str, torch.Tensor], device: torch.device, rank: int, seed: int, step: int) -> None:
+    suffix = f".{rank}" if rank else ""
+    if f"cpu{suffix}" in rng:
+        torch.set_rng_state(rng[f"cpu{suffix}"])
+        if f"cuda{suffix}" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng[f"cuda{suffix}"], device)
+    else:  # a checkpoint from a run with fewer processes: a fresh, rank-specific stream (not an exact resume)
+        torch.manual_seed((seed + rank * 1_000_003 + step) % 2**63)
 
 
 def _row(line: str) -> dict | None:
@@ -170,6 +205,10 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
     if tc.deterministic:
         set_deterministic(tc.seed + rank)
     modules = task.trainable()
+    fsdp = tc.parallel == "fsdp" and world > 1  # one process: nothing to shard
+    if fsdp and (len(modules) > 1 or hasattr(task, "on_step_end")):
+        raise FewstepError("train.parallel=fsdp trains one module without an on_step_end hook (pre-training and "
+                           "single-student methods); use train.parallel=ddp for this method")
     for m in modules.values():
         m.train()
         if tc.compile:  # compiles forward in place; the state dict keeps its keys, so checkpoints are unchanged
@@ -181,26 +220,34 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
     if train_data is None and tc.max_steps <= 0:  # no token budget to derive the step count from
         raise FewstepError("a data-free run needs train.max_steps > 0")
     total = total_steps(cfg, train_data.n_tokens if train_data is not None else 0)
-    fused = device.type == "cuda"
-    optims = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas,
-                                   weight_decay=tc.weight_decay, fused=fused) for n, m in modules.items()}
     emas = {f"{n}_ema": copy.deepcopy(m).requires_grad_(False) for n, m in modules.items()} if tc.ema > 0 else {}
     specs = dict(meta.get("models", {}))
     specs.update({e: specs[e[:-4]] for e in emas if e[:-4] in specs})
     meta = {**meta, "run": to_dict(cfg), "models": specs}
 
-    start = 0
+    start, state = 0, None
     ckpt = checkpoint.latest(out_dir)
-    if ckpt is not None:
+    if ckpt is not None:  # full weights are loaded before FSDP shards them
         old = checkpoint.read_meta(ckpt)
         if old.get("models") != specs or old.get("data", {}).get("tokenizer") != meta.get("data", {}).get("tokenizer"):
             raise FewstepError(f"{out_dir} holds a run with another model or data config: choose a new "
                                "--train.out_dir or delete the old run")
-        state = checkpoint.load_training_state(ckpt, {**modules, **emas}, optims)
+        state = checkpoint.load_training_state(ckpt, {**modules, **emas}, {})
+    if fsdp:  # the EMA copies are sharded like their modules, so the EMA update stays shard by shard
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (world,))
+        for m in [*modules.values(), *emas.values()]:
+            parallel.shard(m, mesh)
+    fused = device.type == "cuda"
+    optims = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas,
+                                   weight_decay=tc.weight_decay, fused=fused) for n, m in modules.items()}
+    if state is not None:
+        checkpoint.load_optimizers(ckpt, optims, state)
+        for opt in optims.values() if fsdp else ():
+            parallel.shard_optim_state_(opt)
         start = state["step"]
-        torch.set_rng_state(state["rng"]["cpu"])
-        if "cuda" in state["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        _set_rng_state(state["rng"], device, rank, tc.seed, start)
     else:
         torch.manual_seed(tc.seed + rank)
     logger = _Logger(out_dir, start) if rank == 0 else None
@@ -209,13 +256,18 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
         (out_dir / "config.json").write_text(json.dumps(meta["run"], indent=2), encoding="utf-8")
 
     def save(step: int) -> None:
-        bad = _finite_weights({**modules, **emas})  # every rank holds the same weights: all raise together
+        bad = _finite_weights({**modules, **emas}, device if fsdp else None)  # the same list on every rank
         if bad:
             raise FewstepError(f"non-finite weights in {', '.join(bad)} after step {step}: not saved; last good "
                                f"checkpoint: {checkpoint.latest(out_dir) or 'none'}; lower train.lr")
+        mods, opts = {**modules, **emas}, optims
+        if fsdp:  # gather full tensors on every rank (collectives), keep them on rank 0: the one checkpoint format
+            mods = {n: parallel.full_state(m.state_dict(), keep=rank == 0) for n, m in mods.items()}
+            opts = {n: parallel.full_optim_state(o, keep=rank == 0) for n, o in opts.items()}
+        rng = _rng_state(device, world)
         if rank == 0:
-            checkpoint.save(out_dir, step, modules={**modules, **emas}, meta=meta, optimizers=optims,
-                            rng=_rng_state(device), keep_last=tc.keep_last)
+            checkpoint.save(out_dir, step, modules=mods, meta=meta, optimizers=opts, rng=rng,
+                            keep_last=tc.keep_last)
         if world > 1:
             torch_dist.barrier()
 
@@ -236,12 +288,17 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
                 g["lr"] = lr
         sums: dict[str, torch.Tensor] = {}
         for k in range(tc.grad_accum):
+            for m in modules.values() if fsdp else ():  # reduce-scatter once per step, after the last micro-batch
+                m.set_requires_gradient_sync(k == tc.grad_accum - 1)
             x = (train_data.batch(step * tc.grad_accum + k, micro, rank=rank, world=world, seed=tc.seed).to(device)
                  if train_data is not None else None)
             with autocast(device, precision):
                 losses, logs = task.step(x, step)
             for name, loss in losses.items():
-                (loss / tc.grad_accum).backward(inputs=params[name])
+                if fsdp:  # one trained module; `inputs=` cannot name the weights FSDP gathers for the backward
+                    (loss / tc.grad_accum).backward()
+                else:
+                    (loss / tc.grad_accum).backward(inputs=params[name])
                 sums[name] = sums.get(name, 0.0) + loss.detach() / tc.grad_accum
             last_logs = logs
         ok = True
@@ -249,9 +306,10 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
         for name, ps in params.items():
             if name not in losses:
                 continue
-            if world > 1:
+            if world > 1 and not fsdp:  # FSDP has reduce-scattered the gradients already
                 _all_reduce_grads(ps)
-            norms[name] = torch.nn.utils.clip_grad_norm_(ps, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            norm = torch.nn.utils.clip_grad_norm_(ps, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            norms[name] = parallel.full(norm)  # the global norm (a replicated DTensor under FSDP)
         finite = torch.stack([torch.isfinite(v) for v in [*sums.values(), *norms.values()]]).all()
         if not bool(finite):
             ok = False
@@ -289,7 +347,7 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
             summary.update(row)
             t0 = time.perf_counter()
         if val_data is not None and hasattr(task, "validate") and (done % tc.eval_every == 0 or done == total):
-            if rank == 0:
+            if rank == 0 or fsdp:  # a sharded forward needs every rank; they compute the same numbers
                 ema = emas.get(f"{next(iter(modules))}_ema")
                 model = next(iter(modules.values()))
                 if ema is not None:
@@ -297,10 +355,13 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
                 model.eval()
                 with autocast(device, precision):
                     row = {"step": done, **evaluate(task, val_data, micro, tc.eval_batches, device)}
+                if fsdp:  # FSDP keeps the root's weights gathered after a forward with no backward: free them
+                    model.reshard()
                 model.train()
                 if ema is not None:
                     _swap(model, ema)
-                logger.log(row)
+                if rank == 0:
+                    logger.log(row)
                 summary.update(row)
             t0 = time.perf_counter()
         if done % tc.ckpt_every == 0 or done == total:
