@@ -56,6 +56,63 @@ def test_cuda_graph_decode_equals_eager_decode():
     assert torch.equal(a, b)
 
 
+def _three_generations(model, compile, **kw):
+    """Tokens of three same-shape generations (seeds 0, 1, 2) and the backend's compile count after each."""
+    out, frames = [], []
+    for seed in range(3):
+        gen = torch.Generator(kw.get("device", "cpu")).manual_seed(seed)
+        out.append(ar_sample(model, compile=compile, generator=gen, **kw))
+        frames.append(compile.frame_count)
+    return out, frames
+
+
+def test_compiled_decode_step_compiles_once_and_samples_the_eager_tokens():
+    """ar_sample(compile=...): the decode step takes the KV cache as tensors, so three generations of one shape
+    compile it once (before, each generation's new KVCache object made dynamo compile again), and it samples the
+    eager path's tokens. aot_eager: dynamo's guards and graphs, and the functionalised in-place cache writes,
+    without a C++ compiler."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    import fewstep.ar
+
+    model = _model().float()
+    kw = dict(batch=3, length=16, bos_id=29, temperature=0.9, top_p=0.95)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    try:
+        compiled, frames = _three_generations(model, counter, **kw)
+        again, _ = _three_generations(_model().float(), counter, **kw)  # a second model of the same shape
+        assert counter.frame_count == frames[-1]
+    finally:
+        torch._dynamo.reset()
+        fewstep.ar._COMPILED.pop(counter, None)
+    assert frames == [1, 1, 1]  # one graph (fullgraph=True), never recompiled
+    for seed, (a, b) in enumerate(zip(compiled, again)):
+        eager = ar_sample(model, generator=torch.Generator().manual_seed(seed), **kw)
+        assert torch.equal(a, eager) and torch.equal(b, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_cuda_graph_decode_compiles_once_and_equals_eager_decode():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    import fewstep.ar
+
+    model = _model().float().cuda()
+    kw = dict(batch=3, length=24, bos_id=29, device="cuda", cuda_graph=True)
+    counter = CompileCounterWithBackend("inductor")
+    torch._dynamo.reset()
+    try:
+        compiled, frames = _three_generations(model, counter, **kw)
+    finally:
+        torch._dynamo.reset()
+        fewstep.ar._COMPILED.pop(counter, None)
+    assert frames == [1, 1, 1]
+    for seed, a in enumerate(compiled):
+        assert torch.equal(a, ar_sample(model, generator=torch.Generator("cuda").manual_seed(seed), **kw))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graphed_denoiser_equals_model():

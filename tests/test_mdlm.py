@@ -130,3 +130,113 @@ def test_oracle_sampler_reproduces_the_chain():
     grid = torch.tensor([[(c >> k) & 1 for k in (3, 2, 1, 0)] for c in range(16)])
     true = chain.log_prob(grid).exp()
     assert 0.5 * (emp - true).abs().sum() < 0.04
+
+
+def _nelbo_full_forward(model, schedule, x0, t, mask_id, generator):
+    """The NELBO as computed before the masked-rows path: full (B, L, V) forward, gather, zero the unmasked."""
+    x_t = q_xt(x0, schedule.alpha(t), mask_id, generator)
+    log_p = model(x_t, t)
+    nll = -log_p.gather(-1, x0[..., None]).squeeze(-1)
+    nll = torch.where(x_t == mask_id, nll, torch.zeros_like(nll))
+    return weight(schedule, t) * nll.sum(-1)
+
+
+def _nelbo_and_grads(fn, model, *args, seed: int):
+    model.zero_grad()
+    out = fn(model, *args, generator=torch.Generator().manual_seed(seed))
+    out.sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("time_cond", [False, True])
+def test_masked_only_forward_is_the_full_forward_at_masked_rows(time_cond):
+    model = _tiny_denoiser(time_cond)
+    with torch.no_grad():  # make the adaLN modulation (zero at init) non-trivial
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x_t = torch.randint(0, 21, (3, 24), generator=torch.Generator().manual_seed(1))
+    t = torch.rand(3)
+    rows = model(x_t, t, masked_only=True)
+    assert rows.dtype == torch.float32 and rows.shape == (int((x_t == 20).sum()), 21)
+    torch.testing.assert_close(rows, model(x_t, t)[x_t == 20], rtol=1e-5, atol=1e-5)
+    assert (rows[:, 20] < -1e5).all()  # zero-masking
+
+
+@pytest.mark.parametrize("time_cond", [False, True])
+def test_nelbo_masked_rows_equals_full_forward_with_gradients(time_cond):
+    """nelbo runs the head on the masked rows only: the same per-sequence NELBO and parameter gradients as the full
+    (B, L, V) forward; a model that is not a MaskedDenoiser takes the full path."""
+    model = _tiny_denoiser(time_cond)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x0 = torch.randint(0, 20, (6, 24), generator=torch.Generator().manual_seed(2))
+    t = torch.linspace(0.2, 0.95, 6)
+    new, g_new = _nelbo_and_grads(nelbo, model, LogLinear(), x0, t, 20, seed=4)
+    ref, g_ref = _nelbo_and_grads(_nelbo_full_forward, model, LogLinear(), x0, t, 20, seed=4)
+    assert new.shape == (6,) and (new > 0).all()
+    torch.testing.assert_close(new, ref, rtol=1e-5, atol=0)
+    assert g_new.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g_new[name], g_ref[name], rtol=1e-4, atol=1e-7, msg=name)
+    fallback = nelbo(CountingModel(model), LogLinear(), x0, t, 20, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(fallback.detach(), ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("case", ["some_sequence_unmasked", "all_masked"])
+def test_nelbo_masked_rows_edge_cases(case):
+    model = _tiny_denoiser(time_cond=True)
+    x0 = torch.randint(0, 20, (4, 24), generator=torch.Generator().manual_seed(5))
+    if case == "some_sequence_unmasked":  # t = 1e-6: no position of sequence 0 is masked
+        schedule, t = LogLinear(), torch.tensor([1e-6, 0.3, 0.6, 0.9])
+    else:  # alpha_1 = 0: every position is masked
+        schedule, t = LogLinear(eps=0.0), torch.ones(4)
+    x_t = q_xt(x0, schedule.alpha(t), 20, torch.Generator().manual_seed(6))
+    if case == "some_sequence_unmasked":
+        assert not (x_t[0] == 20).any() and (x_t[1:] == 20).any()
+    else:
+        assert (x_t == 20).all()
+    new, g_new = _nelbo_and_grads(nelbo, model, schedule, x0, t, 20, seed=6)
+    ref, g_ref = _nelbo_and_grads(_nelbo_full_forward, model, schedule, x0, t, 20, seed=6)
+    torch.testing.assert_close(new, ref, rtol=1e-5, atol=0)
+    if case == "some_sequence_unmasked":
+        assert new[0] == 0
+    for name in g_ref:
+        torch.testing.assert_close(g_new[name], g_ref[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_nelbo_with_no_masked_position_has_zero_loss_and_gradients():
+    model = _tiny_denoiser(time_cond=False)
+    x0 = torch.randint(0, 20, (2, 24))
+    out = nelbo(model, LogLinear(), x0, torch.full((2,), 1e-6), 20, generator=torch.Generator().manual_seed(0))
+    out.sum().backward()
+    assert (out == 0).all()  # no position was masked
+    assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
+
+
+def test_transformer_forward_is_head_of_hidden_and_hidden_takes_embeddings():
+    torch.manual_seed(0)
+    net = Transformer(21, 24, 32, 2, 2, time_cond=True)
+    with torch.no_grad():
+        net.ada_out.weight.normal_(0, 0.1)
+    x, t = torch.randint(0, 21, (2, 24)), torch.rand(2)
+    h = net.hidden(x, t)
+    assert h.shape == (2, 24, 32)
+    torch.testing.assert_close(net(x, t), net.head(h))
+    torch.testing.assert_close(net.hidden(net.embed(x), t), h)  # (B, L, D) input embeddings, e.g. soft tokens
+
+
+def test_nelbo_masked_rows_runs_through_the_compiled_call():
+    """masked_only is a flag of forward, so in-place Module.compile() (train.compile) wraps the masked-rows path."""
+    from torch._dynamo.testing import CompileCounter
+
+    model, ref = _tiny_denoiser(time_cond=True), _tiny_denoiser(time_cond=True)
+    counter = CompileCounter()
+    model.compile(backend=counter)
+    for seed in range(3):  # the number of masked rows changes between calls
+        x0 = torch.randint(0, 20, (4, 24), generator=torch.Generator().manual_seed(seed))
+        t = torch.rand(4, generator=torch.Generator().manual_seed(seed))
+        got = nelbo(model, LogLinear(), x0, t, 20, generator=torch.Generator().manual_seed(seed))
+        want = nelbo(ref, LogLinear(), x0, t, 20, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    assert counter.frame_count > 0  # the compiled forward ran

@@ -5,12 +5,15 @@ Sequences are packed blocks of documents joined with EOS, so generation starts f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fewstep.diffusion.sampling import autocast, filter_probs, sample_categorical
 from fewstep.models.inference import capture
+from fewstep.models.transformer import KVCache
 
 
 def ar_nll(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +52,7 @@ def ar_sample(
     prompt: torch.Tensor | None = None,
     kv_cache: bool = True,
     cuda_graph: bool | None = None,
+    compile: bool | str | Callable = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
@@ -59,22 +63,29 @@ def ar_sample(
 
     With kv_cache the prompt is prefilled once and each new token costs one single-position forward pass;
     without it every step re-runs the whole prefix (the reference the cached path is tested against).
-    cuda_graph (default: on CUDA with kv_cache): the decode step runs on the static cache (models/transformer.py,
-    KVCache) captured once in a CUDA graph and replayed per token; the float64 draw stays outside the graph.
+    cuda_graph (default: on CUDA with kv_cache) and compile switch the decode step to the static cache
+    (models/transformer.py, KVCache): `decode_step`, whose inputs are tensors only. cuda_graph captures it once per
+    generation and replays it per token; compile (True: torch.compile's default backend, or a backend name or
+    callable) runs it compiled: compiled when a shape first appears, then reused without recompiling by every
+    later generation of that shape (tests/test_ar.py counts the compilations). The float64 draw stays outside
+    the graph.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     x = prompt.to(device) if prompt is not None else torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
     if cuda_graph is None:
         cuda_graph = kv_cache and device.type == "cuda"
-    if cuda_graph and not kv_cache:
-        raise ValueError("cuda_graph needs kv_cache=True")
+    if (cuda_graph or compile) and not kv_cache:
+        raise ValueError("cuda_graph and compile need kv_cache=True")
     cache = model.new_cache(x.shape[0], x.shape[1] + length, device) if kv_cache else None
 
     def forward(inp):
         with autocast(device, precision):
             return model(inp, cache=cache)[:, -1] if cache is not None else model(inp)[:, -1]  # (B, V)
 
-    decode = _graphed_decode(forward, cache) if cuda_graph else None
+    decode = None
+    if cache is not None and (cuda_graph or compile):
+        step = _compiled_step(compile) if compile else decode_step
+        decode = _static_decode(model, cache, step, precision, cuda_graph=cuda_graph, warmup=2 if compile else 1)
     out = []
     logits = forward(x)  # prefill (or the whole prefix without a cache)
     for i in range(length):
@@ -91,23 +102,52 @@ def ar_sample(
     return torch.stack(out, dim=1)
 
 
-def _graphed_decode(forward, cache):
-    """decode(token (B,)) -> logits (B, V) of the next position: one static-cache step replayed from a CUDA graph.
+def decode_step(model: nn.Module, tok: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
+                pos_t: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Logits (B, V) after token tok (B, 1) at position pos_t ((1,) long) of a static KV cache: k, v hold one
+    (B, H, L_max, Dh) buffer per layer, written in place at pos_t; attention sees the positions <= pos_t.
 
-    Switched to static mode after the prefill has run (first call); the graph writes K/V at cache.pos_t, which is
-    advanced in place after each replay. The returned logits live in the graph's output buffer until the next call.
+    The cache object is built here from the tensors, so a compiled step guards on the tensors' shapes and dtypes
+    only, not on a KVCache that every generation creates anew (which made dynamo recompile per generation).
+    """
+    with autocast(tok.device, precision):
+        return model(tok, cache=KVCache(k, v, pos_t))[:, -1]
+
+
+_COMPILED: dict = {}  # backend -> torch.compile(decode_step); the compiled graphs live in dynamo's cache
+
+
+def _compiled_step(backend: bool | str | Callable) -> Callable:
+    backend = "inductor" if backend is True else backend
+    if backend not in _COMPILED:  # fullgraph: a graph break in the step is an error, not a slow split step
+        _COMPILED[backend] = torch.compile(decode_step, backend=backend, fullgraph=True)
+    return _COMPILED[backend]
+
+
+def _static_decode(model, cache, step, precision: str, *, cuda_graph: bool, warmup: int = 1):
+    """decode(token (B,)) -> logits (B, V) of the next position: `step` on the static cache, replayed from a
+    CUDA graph with cuda_graph.
+
+    Switched to static mode after the prefill has run (first call): the step writes K/V at cache.pos_t, which is
+    advanced in place after each step. With cuda_graph the returned logits live in the graph's output buffer until
+    the next call.
     """
     state: dict = {}
+
+    def run(tok: torch.Tensor) -> torch.Tensor:  # tok: (B, 1)
+        return step(model, tok, cache.k, cache.v, cache.pos_t, precision)
 
     def decode(tok: torch.Tensor) -> torch.Tensor:
         if not state:
             cache.pos_t = torch.tensor([cache.pos], device=tok.device)
             state["tok"] = tok[:, None].clone()
-            # the warm-up writes K/V at pos_t too: the replay below rewrites that same position
-            state["graph"], state["out"] = capture(forward, state["tok"], warmup=1)
+            if cuda_graph:  # the warm-up writes K/V at pos_t too: the replay below rewrites that same position
+                state["graph"], state["out"] = capture(run, state["tok"], warmup=warmup)
         else:
             cache.pos_t.add_(1)
         state["tok"].copy_(tok[:, None])
+        if not cuda_graph:
+            return run(state["tok"])
         state["graph"].replay()
         return state["out"]
 

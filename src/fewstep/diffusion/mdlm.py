@@ -19,7 +19,14 @@ NEG_INF = -1e6  # finite "log 0": keeps 0 * log 0 terms free of NaN in divergenc
 
 
 class MaskedDenoiser(nn.Module):
-    """`forward(x_t: (B, L) long, t: (B,) float) -> (B, L, V) log p_theta(x0 | x_t)` in float32 (SUBS)."""
+    """`forward(x_t: (B, L) long, t: (B,) float) -> (B, L, V) log p_theta(x0 | x_t)` in float32 (SUBS).
+
+    `forward(x_t, t, masked_only=True) -> (N, V)`: the same log-probabilities at the N masked positions of x_t only,
+    in row-major order (`forward(x_t, t)[x_t == mask_id]`), with the vocabulary head and the float32 log-softmax
+    run on those N rows instead of all B x L: what the NELBO needs (`nelbo` below). It is a flag of `forward`, not
+    a separate method, so that whatever wraps the module's call (in-place `Module.compile()`, FSDP2's all-gather
+    hooks) wraps this path too.
+    """
 
     def __init__(self, backbone: nn.Module, mask_id: int):
         super().__init__()
@@ -29,13 +36,20 @@ class MaskedDenoiser(nn.Module):
     def time_conditioned(self) -> bool:
         return self.backbone.time_cond
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = self.backbone(x_t, t if self.backbone.time_cond else None).float()  # (B, L, V)
-        logits[..., self.mask_id] = NEG_INF  # zero-masking
-        log_p = logits.log_softmax(-1)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, masked_only: bool = False) -> torch.Tensor:
+        t = t if self.backbone.time_cond else None
+        if masked_only:
+            h = self.backbone.hidden(x_t, t)[x_t == self.mask_id]  # (N, D)
+            return self._log_probs(self.backbone.head(h))  # (N, V); masked rows: no carry-over
+        log_p = self._log_probs(self.backbone(x_t, t))  # (B, L, V)
         unmasked = (x_t != self.mask_id)[..., None]  # (B, L, 1)
         carry = torch.full_like(log_p, NEG_INF).scatter_(-1, x_t[..., None], 0.0)  # carry-over
         return torch.where(unmasked, carry, log_p)
+
+    def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        logits[..., self.mask_id] = NEG_INF  # zero-masking
+        return logits.log_softmax(-1)
 
 
 def sample_t(batch: int, device, antithetic: bool = True, eps: float = 1e-5, generator=None) -> torch.Tensor:
@@ -53,9 +67,20 @@ def q_xt(x0: torch.Tensor, alpha_t: torch.Tensor, mask_id: int, generator=None) 
 
 
 def nelbo(model, schedule, x0: torch.Tensor, t: torch.Tensor, mask_id: int, generator=None) -> torch.Tensor:
-    """Per-sequence NELBO estimate in nats, one t per sequence. x0: (B, L), t: (B,) -> (B,)."""
+    """Per-sequence NELBO estimate in nats, one t per sequence. x0: (B, L), t: (B,) -> (B,).
+
+    A MaskedDenoiser predicts at the masked positions only (`masked_only=True`: the head and the log-softmax run on
+    about half the rows on average); any other model (e.g. an oracle returning (B, L, V)) is called in full.
+    """
     x_t = q_xt(x0, schedule.alpha(t), mask_id, generator)
-    log_p = model(x_t, t)  # (B, L, V)
-    nll = -log_p.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
-    nll = torch.where(x_t == mask_id, nll, torch.zeros_like(nll))
+    masked = x_t == mask_id  # (B, L)
+    inner = getattr(model, "_orig_mod", model)  # _orig_mod: the module under a torch.compile wrapper
+    if isinstance(inner, MaskedDenoiser) and inner.mask_id == mask_id:
+        log_p = model(x_t, t, masked_only=True)  # (N, V), rows of `masked` in row-major order
+        nll_rows = -log_p.gather(-1, x0[masked][:, None]).squeeze(-1)  # (N,)
+        nll = torch.zeros(x0.shape, dtype=nll_rows.dtype, device=x0.device).masked_scatter(masked, nll_rows)
+    else:
+        log_p = model(x_t, t)  # (B, L, V)
+        nll = -log_p.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
+        nll = torch.where(masked, nll, torch.zeros_like(nll))
     return weight(schedule, t) * nll.sum(-1)

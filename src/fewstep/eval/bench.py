@@ -93,16 +93,20 @@ def time_dlm(model, *, batch, length, steps, device, precision="fp32", repeats=1
 
 
 @torch.no_grad()
-def time_ar(model, *, batch, length, device, precision="fp32", repeats=1, warmup=1) -> dict:
-    """Latency of generating `length` tokens after one BOS with our KV-cached AR sampler."""
+def time_ar(model, *, batch, length, device, precision="fp32", repeats=1, warmup=1, compile=False,
+            cuda_graph=None) -> dict:
+    """Latency of generating `length` tokens after one BOS with our KV-cached AR sampler; compile: its decode
+    step compiled (ar_sample(compile=...); compiled during the warm-up, not again by the timed runs); cuda_graph:
+    ar_sample's (None: on CUDA)."""
     from fewstep.ar import ar_sample
 
     gen = torch.Generator(device=device).manual_seed(0)
     fn = lambda: ar_sample(model, batch=batch, length=length, bos_id=0, generator=gen, device=device,
-                           precision=precision)
+                           precision=precision, compile=compile, cuda_graph=cuda_graph)
     _, sec, times = timed(fn, device=device, warmup=warmup, repeats=repeats)
     return _row("ar-kv-cache", "ar", "ar-kv-cache", batch=batch, length=length, seconds=sec, times=times,
-                device=device, precision=precision, sampling_dtype="float64")
+                device=device, precision=precision, sampling_dtype="float64", ar_compiled=bool(compile),
+                ar_cuda_graph=cuda_graph if cuda_graph is not None else torch.device(device).type == "cuda")
 
 
 @torch.no_grad()
@@ -125,8 +129,11 @@ def time_hf(lm, *, batch, length, device, precision="fp32", repeats=1, warmup=1)
 
 
 def run_bench(dlm, ar=None, hf=None, *, steps, batches, length, lengths=(), sweep_steps=(1,), device,
-              precision="fp32", repeats=1, warmup=1, log=print, guidance=None, on_row=None) -> list[dict]:
+              precision="fp32", repeats=1, warmup=1, log=print, guidance=None, on_row=None,
+              ar_compile=False, ar_cuda_graph=None) -> list[dict]:
     """The whole grid: DLM at steps x batches, AR and HF at each batch, then the length sweep (smallest batch).
+    ar_compile: time the AR sampler with its decode step compiled; ar_cuda_graph: replay it from a CUDA graph
+    (None: on CUDA).
 
     A setting that runs out of memory gives a row with error="oom" instead of ending the run. on_row(row) is
     called as each row is final, so a run cut off by a time limit keeps what it measured.
@@ -156,7 +163,8 @@ def run_bench(dlm, ar=None, hf=None, *, steps, batches, length, lengths=(), swee
     for b in batches:
         ref = {}
         if ar is not None:
-            ref["ar"] = attempt(time_ar, ar, batch=b, length=length, repeats=repeats, warmup=warmup)
+            ref["ar"] = attempt(time_ar, ar, batch=b, length=length, repeats=repeats, warmup=warmup,
+                                compile=ar_compile, cuda_graph=ar_cuda_graph)
         if hf is not None:
             ref["hf"] = attempt(time_hf, hf, batch=b, length=length, repeats=repeats, warmup=warmup)
         for r in ref.values():
@@ -172,7 +180,8 @@ def run_bench(dlm, ar=None, hf=None, *, steps, batches, length, lengths=(), swee
     b = min(batches)
     for n in lengths:
         if ar is not None:
-            r = attempt(time_ar, ar, batch=b, length=n, repeats=repeats, warmup=warmup)
+            r = attempt(time_ar, ar, batch=b, length=n, repeats=repeats, warmup=warmup, compile=ar_compile,
+                        cuda_graph=ar_cuda_graph)
             emit({**r, "kind": "length_sweep", "model_kind": r.get("kind", "ar"), "seq_len": n, "batch": b})
         for k in sweep_steps:
             attempt(time_dlm, dlm, batch=b, length=n, steps=min(k, 2))  # warm-up at this shape
@@ -232,8 +241,9 @@ def add_args(p) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--eager", action="store_true", help="CUDA: keep float32 weights under autocast and no CUDA "
                    "graphs (default: bf16 weights, DLM call and AR decode step replayed from CUDA graphs)")
-    p.add_argument("--compile", action="store_true", help="also torch.compile the DLM's call (the AR decode "
-                   "step stays a CUDA graph of the eager step: compiled, it recompiles for every new KV cache)")
+    p.add_argument("--compile", action="store_true", help="also torch.compile the DLM's call and the AR decode "
+                   "step (the step takes the KV cache as tensors, so it compiles when a shape first appears, in "
+                   "the warm-up, not per generation; on CUDA it is still replayed from a CUDA graph)")
     p.add_argument("--device", default=None)
     add_guide_args(p)
 
@@ -290,7 +300,7 @@ def bench_from_args(args, log=print, on_row=None) -> tuple[list[dict], dict]:
                     guide_rerank=args.guide_rerank)
     log(f"bench on {meta['device_name']} ({precision}), length {length}: {json.dumps(grid)}")
     rows = run_bench(dlm, ar, lm, length=length, device=device, precision=precision, repeats=args.repeats,
-                     warmup=args.warmup, log=log, guidance=guidance,
+                     warmup=args.warmup, log=log, guidance=guidance, ar_compile=compile_, ar_cuda_graph=fast,
                      on_row=(lambda r: on_row({**r, **meta})) if on_row is not None else None, **grid)
     rows = [{**r, **meta} for r in rows]
     dl = [r for r in rows if r.get("kind") == "mdlm" and "latency_s" in r]

@@ -38,32 +38,46 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 
 
 class KVCache:
-    """Pre-allocated keys/values for incremental causal decoding. k, v: (n_layers, B, H, L_max, Dh).
+    """Keys/values for incremental causal decoding: k, v are lists of one (B, H, L_max, Dh) buffer per layer.
 
     Two modes. Dynamic (default): `pos` is a Python int and each call attends over the `pos` positions written.
     Static (`pos_t` set, a (1,) long tensor): one token is written at position pos_t and attention runs over the
     whole buffer with the mask `arange(L_max) <= pos_t`, so every decode step has the same shapes and kernels and
     can be captured once in a CUDA graph; the caller advances pos_t in place.
+
+    `KVCache(k, v, pos_t)` wraps existing buffers without copying: a compiled decode step (fewstep.ar.decode_step)
+    builds its cache from its tensor arguments, so dynamo guards on tensor shapes, not on a cache object that every
+    generation creates anew. The layers' buffers are separate allocations, not views of one tensor: a compiled
+    step then writes the new position in place (a write into a view of one graph input makes inductor copy the
+    whole buffer on every step).
     """
 
-    def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, device, dtype):
-        shape = (n_layers, batch, n_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], pos_t: torch.Tensor | None = None):
+        self.k, self.v = k, v
         self.pos = 0  # number of positions already written (dynamic mode)
-        self.pos_t: torch.Tensor | None = None  # (1,) position of the token being decoded (static mode)
+        self.pos_t = pos_t  # (1,) position of the token being decoded (static mode)
         self.mask: torch.Tensor | None = None  # (1, 1, 1, L_max) bool: positions visible at pos_t (static mode)
 
+    @classmethod
+    def empty(cls, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, device, dtype) -> KVCache:
+        shape = (batch, n_heads, max_len, head_dim)
+        new = lambda: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        return cls(new(), new())
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ck, cv = self.k[layer], self.v[layer]
         if self.pos_t is not None:
-            self.k[layer].index_copy_(2, self.pos_t, k.to(self.k.dtype))
-            self.v[layer].index_copy_(2, self.pos_t, v.to(self.v.dtype))
-            return self.k[layer], self.v[layer]
-        n = k.shape[2]
-        self.k[layer, :, :, self.pos : self.pos + n] = k
-        self.v[layer, :, :, self.pos : self.pos + n] = v
-        end = self.pos + n
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+            ck.index_copy_(2, self.pos_t, k.to(ck.dtype))
+            cv.index_copy_(2, self.pos_t, v.to(cv.dtype))
+            return ck, cv
+        end = self.pos + k.shape[2]
+        ck[:, :, self.pos : end] = k
+        cv[:, :, self.pos : end] = v
+        return ck[:, :, :end], cv[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -119,7 +133,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """`forward(x: (B, L) long, t: (B,) float | None) -> logits (B, L, V)`."""
+    """`forward(x: (B, L) long, t: (B,) float | None) -> logits (B, L, V)`.
+
+    `forward` is `head(hidden(x, t))`: `hidden` runs everything before the vocabulary head (embedding, blocks, final
+    norm and, when time-conditioned, its adaLN modulation) and returns (B, L, D), so a caller that needs logits at a
+    few positions only (the MDLM loss: the masked ones) gathers those rows and applies `self.head` to them.
+    """
 
     def __init__(self, vocab_size: int, seq_len: int, d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
                  mlp_ratio: int = 4, causal: bool = False, time_cond: bool = False, dropout: float = 0.0):
@@ -166,13 +185,22 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         p = self.head.weight
-        return KVCache(self.n_layers, batch, self.n_heads, max_len, self.head_dim,
-                       device or p.device, dtype or p.dtype)
+        cache = KVCache.empty(self.n_layers, batch, self.n_heads, max_len, self.head_dim, device or p.device,
+                              dtype or p.dtype)
+        self._rope(max_len, cache.k[0].device)  # RoPE tables for every position now, not inside a compiled step
+        return cache
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, cache: KVCache | None = None):
-        B, L = x.shape
+        return self.head(self.hidden(x, t, cache))  # (B, L, V)
+
+    def hidden(self, x: torch.Tensor, t: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states before the head, (B, L, D): normalised and, when time-conditioned, adaLN-modulated.
+
+        x: (B, L) token ids, or (B, L, D) input embeddings (e.g. soft tokens: probabilities @ embed.weight).
+        """
+        B, L = x.shape[:2]
         if cache is not None and cache.pos_t is not None:  # static decode step (CUDA-graph friendly)
-            n_max = cache.k.shape[3]
+            n_max = cache.max_len
             cos, sin = self._rope(n_max, x.device)
             cos, sin = cos.index_select(0, cache.pos_t), sin.index_select(0, cache.pos_t)  # (1, Dh/2)
             cache.mask = (torch.arange(n_max, device=x.device) <= cache.pos_t)[None, None, None]  # (1, 1, 1, L_max)
@@ -180,7 +208,7 @@ class Transformer(nn.Module):
             start = cache.pos if cache is not None else 0
             cos, sin = self._rope(start + L, x.device)
             cos, sin = cos[start : start + L], sin[start : start + L]
-        h = self.embed(x)  # (B, L, D)
+        h = self.embed(x) if x.dim() == 2 else x  # (B, L, D)
         c = None
         if self.time_cond:
             if t is None:
@@ -194,7 +222,7 @@ class Transformer(nn.Module):
             h = h * (1 + scale) + shift
         if cache is not None and cache.pos_t is None:
             cache.pos += L
-        return self.head(h)  # (B, L, V)
+        return h
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -1,0 +1,134 @@
+"""MDLM training loss, forward + backward: the full (B, L, V) head against the head on the masked rows only.
+
+    OMP_NUM_THREADS=1 python bench/loss_head.py                 # CPU: V = 50,258, d 128, 2 layers, B 4, L 256
+    python bench/loss_head.py --device cuda --batch 32 --len 1024 --d-model 768 --layers 12 --heads 12
+
+`full`: the NELBO as computed before the masked-rows path (`model(x_t, t)` -> float32 (B, L, V) log-probabilities,
+gather, zero the unmasked positions). `masked`: `fewstep.diffusion.mdlm.nelbo`, which runs the vocabulary head and
+the float32 log-softmax on the N masked rows only (N ~ B L / 2 on average, t ~ U[0, 1]). Both see the same x0, t
+and masks in each repeat; the two are interleaved (alternating order) and each time is the median of the repeats
+of one forward + backward (gradients of every parameter). Peak memory is measured on CUDA only (the allocator's
+peak above the weights and inputs); on CPU the row gives the bytes of one float32 logits tensor analytically,
+(B, L, V) against (N, V). The last line printed is JSON; unless --no-append it is also appended to
+bench/results/loss-head-<device>.jsonl with the git SHA, device and torch version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from fewstep.diffusion.mdlm import MaskedDenoiser, nelbo, q_xt, sample_t
+from fewstep.diffusion.sampling import autocast
+from fewstep.diffusion.schedule import LogLinear, weight
+from fewstep.eval.speed import device_name, git_sha, timed
+from fewstep.models.transformer import Transformer
+
+
+def nelbo_full(model, schedule, x0, t, mask_id, generator=None):
+    """The loss before the masked-rows path: every position through the head and the float32 log-softmax."""
+    x_t = q_xt(x0, schedule.alpha(t), mask_id, generator)
+    log_p = model(x_t, t)  # (B, L, V)
+    nll = -log_p.gather(-1, x0[..., None]).squeeze(-1)
+    nll = torch.where(x_t == mask_id, nll, torch.zeros_like(nll))
+    return weight(schedule, t) * nll.sum(-1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--vocab", type=int, default=50_258, help="tokens incl. the mask (GPT-2's 50,257 + 1)")
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--len", type=int, default=256)
+    p.add_argument("--time-cond", action="store_true", help="adaLN time conditioning (off in MDLM pre-training)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="as train.precision: auto is bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-append", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    torch.manual_seed(args.seed)
+    mask_id = args.vocab - 1
+    model = MaskedDenoiser(Transformer(args.vocab, args.len, args.d_model, args.layers, args.heads,
+                                       time_cond=args.time_cond), mask_id).to(device).train()
+    schedule = LogLinear()
+    B, L, V = args.batch, args.len, args.vocab
+
+    def inputs(i: int):
+        g = torch.Generator(device=device).manual_seed(args.seed + i)
+        x0 = torch.randint(0, mask_id, (B, L), device=device, generator=g)
+        return x0, sample_t(B, device, antithetic=True, generator=g), args.seed + 1000 + i
+
+    def step(fn, x0, t, seed):
+        model.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = fn(model, schedule, x0, t, mask_id, torch.Generator(device=device).manual_seed(seed))
+        loss.sum().backward()
+        return loss.detach()
+
+    paths = {"full": nelbo_full, "masked": nelbo}
+    for i in range(args.warmup):
+        for fn in paths.values():
+            step(fn, *inputs(-1 - i))
+    times = {k: [] for k in paths}
+    rows, max_rel = [], 0.0
+    for i in range(args.repeats):
+        x0, t, seed = inputs(i)
+        g = torch.Generator(device=device).manual_seed(seed)
+        rows.append(int((q_xt(x0, schedule.alpha(t), mask_id, g) == mask_id).sum()))
+        out = {}
+        for k in (list(paths) if i % 2 == 0 else list(paths)[::-1]):
+            args_k = (paths[k], x0, t, seed)
+            out[k], sec, _ = timed(lambda a=args_k: step(*a), device=device, warmup=0, repeats=1)
+            times[k].append(sec)
+        max_rel = max(max_rel, float(((out["masked"] - out["full"]).abs() / out["full"].abs().clamp_min(1e-6)).max()))
+
+    peak = {}
+    if device.type == "cuda":
+        x0, t, seed = inputs(0)
+        for k, fn in paths.items():
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step(fn, x0, t, seed)
+            torch.cuda.synchronize()
+            peak[k] = torch.cuda.max_memory_allocated() - base
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    n_mean = statistics.mean(rows)
+    row = {
+        "bench": "loss_head", "vocab": V, "d_model": args.d_model, "layers": args.layers, "heads": args.heads,
+        "batch": B, "len": L, "time_cond": args.time_cond, "precision": precision, "repeats": args.repeats,
+        "masked_rows_mean": n_mean, "masked_fraction": n_mean / (B * L),
+        "full_ms": ms["full"], "masked_ms": ms["masked"], "speedup": ms["full"] / ms["masked"],
+        "full_ms_all": [round(1e3 * s, 2) for s in times["full"]],
+        "masked_ms_all": [round(1e3 * s, 2) for s in times["masked"]],
+        "full_logits_bytes": B * L * V * 4, "masked_logits_bytes_mean": round(n_mean * V * 4),
+        "full_peak_bytes": peak.get("full"), "masked_peak_bytes": peak.get("masked"),
+        "max_rel_diff": max_rel,
+        "command": " ".join(["python", "bench/loss_head.py", *(argv if argv is not None else sys.argv[1:])]),
+        "device": device.type, "device_name": device_name(device), "torch": torch.__version__, "git_sha": git_sha(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if not args.no_append:
+        path = Path(__file__).parent / "results" / f"loss-head-{device.type}.jsonl"
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
