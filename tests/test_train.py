@@ -193,3 +193,34 @@ def test_fsdp_refuses_two_player_methods_and_unknown_modes(pydoc_data, tmp_path)
         fit(TwoModules(), cfg, train_data=None, meta={}, device=torch.device("cpu"), rank=0, world=2)
     with pytest.raises(FewstepError, match="train.parallel"):
         load("tiny_mdlm", ["--train.parallel=zero3"])
+
+
+def test_lr_scale_sets_each_modules_learning_rate(pydoc_data, tmp_path):
+    """A task's lr_scale() multiplies train.lr per module: factor 0 leaves that module bit-identical, factor 1 and 2
+    move theirs (AdamW's first step moves each weight by about lr, so the factor-2 module moves about twice as far)."""
+    from fewstep.train import fit
+
+    class ThreeModules:
+        def __init__(self):
+            torch.manual_seed(0)
+            self.m = {n: torch.nn.Linear(4, 4) for n in ("a", "b", "c")}
+
+        def trainable(self):
+            return self.m
+
+        def lr_scale(self):
+            return {"b": 0.0, "c": 2.0}
+
+        def step(self, x, step):
+            z = torch.randn(8, 4)
+            return {n: (m(z) ** 2).mean() for n, m in self.m.items()}, {}
+
+    task = ThreeModules()
+    before = {n: m.weight.detach().clone() for n, m in task.m.items()}
+    cfg = load("tiny_mdlm", tiny_overrides(pydoc_data, tmp_path / "run", **{
+        "train.max_steps": 1, "train.warmup_steps": 0, "train.ema": 0, "train.weight_decay": 0,
+        "train.grad_clip": 0, "train.lr": 1e-3, "train.ckpt_every": 100, "train.eval_every": 100}))
+    fit(task, cfg, train_data=None, meta={}, device=torch.device("cpu"))
+    moved = {n: (m.weight.detach() - before[n]).abs().mean().item() for n, m in task.m.items()}
+    assert moved["b"] == 0.0 and moved["a"] > 0
+    assert moved["c"] == pytest.approx(2 * moved["a"], rel=0.05)

@@ -242,6 +242,7 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
     fused = device.type == "cuda"
     optims = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas,
                                    weight_decay=tc.weight_decay, fused=fused) for n, m in modules.items()}
+    lr_scale = getattr(task, "lr_scale", dict)()  # {module: factor of train.lr}, e.g. a faster discriminator
     if state is not None:
         checkpoint.load_optimizers(ckpt, optims, state)
         for opt in optims.values() if fsdp else ():
@@ -283,9 +284,9 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
     t0, last_logs = time.perf_counter(), {}
     for step in bar:
         lr = lr_at(step, total, tc)
-        for opt in optims.values():
+        for name, opt in optims.items():
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * lr_scale.get(name, 1.0)
         sums: dict[str, torch.Tensor] = {}
         for k in range(tc.grad_accum):
             for m in modules.values() if fsdp else ():  # reduce-scatter once per step, after the last micro-batch

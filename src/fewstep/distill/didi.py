@@ -257,6 +257,7 @@ class DiDi:
         teacher_steps: int = 32  # the teacher's ancestral steps for x' (real = "teacher")
         disc_blocks: int = 4  # trained last blocks of the discriminator (the reference: 4 of 12)
         disc_steps: int = 1  # discriminator updates per student update
+        disc_lr_scale: float = 1.0  # the discriminator's lr = this x train.lr (the paper's ratio: 10, 1e-5 vs 1e-6)
         disc_warmup: int = 0  # discriminator-only steps before the student starts
         label_smoothing: float = 0.1
         match_weight: float = 1.0  # gamma: intermediate-state Jeffrey divergence to the teacher
@@ -281,9 +282,9 @@ class DiDi:
             raise FewstepError(f"method.elbo_mc={c.elbo_mc} must divide the sequence length {setup.seq_len} "
                                "(the mask sizes are stratified over 1..L)")
         if (min(c.steps, c.teacher_steps, c.disc_steps, c.student_steps, c.elbo_mc) < 1 or c.disc_warmup < 0
-                or not 0 <= c.match_beta <= 1):
+                or not 0 <= c.match_beta <= 1 or not c.disc_lr_scale > 0):
             raise FewstepError("method.steps, teacher_steps, disc_steps, student_steps, elbo_mc must be >= 1, "
-                               "disc_warmup >= 0, 0 <= match_beta <= 1")
+                               "disc_warmup >= 0, 0 <= match_beta <= 1, disc_lr_scale > 0")
         self.student, self.teacher = setup.student, setup.teacher
         self.disc = Discriminator(setup.teacher.backbone, c.disc_blocks) if c.reward == "disc" else None
 
@@ -294,6 +295,9 @@ class DiDi:
 
     def planned_steps(self) -> int:
         return self.cfg.steps
+
+    def lr_scale(self) -> dict[str, float]:
+        return {"disc": self.cfg.disc_lr_scale}
 
     @torch.no_grad()
     def rollout(self, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
