@@ -242,4 +242,24 @@ def test_compare_grid_writes_rows_table_and_acceptance(teacher, ar_ckpt, tmp_pat
         ("teacher T=0.9", 4, False), ("BOOT", 4, False), ("BOOT", 4, True)]
     assert all(r["n_samples"] == 2 and r["seed"] == 0 and math.isfinite(r["gen_ppl"]) for r in rows)
     assert len((tmp_path / "res" / "results.jsonl").read_text().splitlines()) == len(rows)
-    assert "BOOT @4 (no greedy tail)" in (tmp_path / "res" / "table.md").read_text()
+    text = (tmp_path / "res" / "table.md").read_text()
+    assert "BOOT @4 seed 0 (no greedy tail)" in text and "teacher T=0.9 @4" in text
+
+
+def test_acceptance_needs_every_seed_and_compares_with_sharpening():
+    from fewstep.distill.compare import acceptance
+
+    def row(name, steps, seed, ppl, ent):
+        return {"name": name, "steps": steps, "greedy_tail": False, "seed": seed, "gen_ppl": ppl, "entropy": ent}
+
+    rows = [row("teacher", 4, 0, 50.0, 2.90), row("teacher", 64, 0, 45.0, 3.00), row("teacher T=0.9", 4, 0, 46.0, 2.88),
+            row("teacher", 4, 1, 52.0, 2.90), row("teacher", 64, 1, 46.0, 3.00), row("teacher T=0.9", 4, 1, 48.0, 2.88),
+            row("S", 4, 0, 47.0, 2.89), row("S", 4, 1, 53.0, 2.90),  # passes at seed 0 only
+            row("R", 4, 0, 45.0, 2.95), row("R", 4, 1, 49.0, 2.70)]  # seed 1: entropy 10% off
+    lines = acceptance(rows)
+    assert lines[0].endswith("PASS; teacher T=0.9 @4: 46.00 / 2.880 -> does not beat sharpening")
+    assert "-> FAIL" in lines[1] and lines[2] == "S: FAIL at 1 of 2 seeds"
+    assert lines[3].endswith("-> beats sharpening") and "(10.0% off) -> FAIL" in lines[4]
+    assert lines[5] == "R: FAIL at 1 of 2 seeds"
+    one = acceptance([r for r in rows if r["seed"] == 0 and r["name"] != "teacher T=0.9"])
+    assert len(one) == 2 and one[0].endswith("-> PASS") and one[1].endswith("-> PASS")  # one seed: no summary line

@@ -7,7 +7,10 @@ Every row comes from `fewstep.eval.harness.sample_eval` with the same judge, sam
 categorical sampling; the undistilled teacher is measured with and without greedy tail at every step count (the
 few-step baselines), and so is every student. Writes <out>/results.jsonl (raw rows) and <out>/table.md, and prints
 the acceptance check of docs/distillation.md: student at 4 steps below the teacher at 4 steps in gen PPL, with
-entropy within 5% of the teacher's at the most steps measured.
+entropy within 5% of the teacher's at the most steps measured. `--seed 0,1,2` repeats the grid per sampling seed
+(the same seed for teacher and students) and a student passes only if it passes at every seed; with
+`--temperature T` the check also says whether the student beats the teacher sampled at T (lower gen PPL at no less
+entropy), i.e. whether it gains more than plain sharpening.
 """
 
 from __future__ import annotations
@@ -17,16 +20,17 @@ import json
 import sys
 from pathlib import Path
 
-COLS = ["name", "steps", "greedy_tail", "gen_ppl", "entropy", "n_samples", "seconds_per_sample"]
+COLS = ["name", "seed", "steps", "greedy_tail", "gen_ppl", "entropy", "n_samples", "seconds_per_sample"]
 
 
 def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps=(1, 4, 8, 16, 64),
-            student_steps=(1, 4, 8, 16), n: int = 64, batch: int = 32, seed: int = 0, device: str = "cpu",
-            temperature: float | None = None, out: str | None = None) -> list[dict]:
+            student_steps=(1, 4, 8, 16), n: int = 64, batch: int = 32, seed: int | list[int] = 0,
+            device: str = "cpu", temperature: float | None = None, out: str | None = None) -> list[dict]:
     """Measure the grid; returns the result rows (also written under `out` when given).
 
     temperature: also measure the teacher at the student step counts with this sampling temperature (no greedy
     tail): the plain sharpening baseline a distilled student must beat to show more than lower entropy.
+    seed: one sampling seed or a list (the whole grid once per seed).
     """
     import torch
 
@@ -47,18 +51,19 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
             from fewstep.config import FewstepError
 
             raise FewstepError(f"{path} and the judge {judge} use different tokenizers")
-        for steps in grid:
-            for greedy in (False, True):
-                torch.manual_seed(seed)
-                row = sample_eval(model, meta, steps=steps, n=n, tokenizer=tok, judge=j, batch=batch, seed=seed,
-                                  greedy_tail=greedy, device=device, name=name)
-                row.update(method=meta.get("distill", {}).get("method", "teacher"), weights=meta["name"])
-                rows.append(row)
-                print(json.dumps({k: row.get(k) for k in COLS}), flush=True)
-        if name == "teacher" and temperature is not None:
-            for steps in student_steps:
-                rows.append(_tempered(model, meta, steps, temperature, n, batch, seed, tok, j, device))
-                print(json.dumps({k: rows[-1].get(k) for k in COLS}), flush=True)
+        for sd in [seed] if isinstance(seed, int) else seed:
+            for steps in grid:
+                for greedy in (False, True):
+                    torch.manual_seed(sd)
+                    row = sample_eval(model, meta, steps=steps, n=n, tokenizer=tok, judge=j, batch=batch, seed=sd,
+                                      greedy_tail=greedy, device=device, name=name)
+                    row.update(method=meta.get("distill", {}).get("method", "teacher"), weights=meta["name"], seed=sd)
+                    rows.append(row)
+                    print(json.dumps({k: row.get(k) for k in COLS}), flush=True)
+            if name == "teacher" and temperature is not None:
+                for steps in student_steps:
+                    rows.append(_tempered(model, meta, steps, temperature, n, batch, sd, tok, j, device))
+                    print(json.dumps({k: rows[-1].get(k) for k in COLS}), flush=True)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         with open(Path(out) / "results.jsonl", "w", encoding="utf-8") as f:
@@ -89,30 +94,44 @@ def _tempered(model, meta, steps, temperature, n, batch, seed, tok, judge, devic
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | steps | greedy tail | gen PPL | entropy | s / sample |", "|---|---|---|---|---|---|"]
+    lines = ["| model | seed | steps | greedy tail | gen PPL | entropy | s / sample |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['steps']} | {'on' if r['greedy_tail'] else 'off'} | {r['gen_ppl']:.2f} | "
-                     f"{r['entropy']:.3f} | {r['seconds_per_sample']:.4f} |")
+        lines.append(f"| {r['name']} | {r.get('seed', 0)} | {r['steps']} | {'on' if r['greedy_tail'] else 'off'} | "
+                     f"{r['gen_ppl']:.2f} | {r['entropy']:.3f} | {r['seconds_per_sample']:.4f} |")
     return "\n".join(lines)
 
 
 def acceptance(rows: list[dict], steps: int = 4, tol: float = 0.05) -> list[str]:
-    """One line per student: gen PPL at `steps` vs the teacher's, entropy vs the teacher's at its most steps."""
-    def get(name, k, greedy=False):
-        return next((r for r in rows if r["name"] == name and r["steps"] == k and r["greedy_tail"] == greedy), None)
+    """Per student and seed: gen PPL at `steps` vs the teacher's, entropy vs the teacher's at its most steps, and,
+    where a tempered teacher row exists, whether the student beats it; then one verdict over all seeds."""
+    def get(name, k, sd, greedy=False):
+        return next((r for r in rows if r["name"] == name and r["steps"] == k and r["greedy_tail"] == greedy
+                     and r.get("seed", 0) == sd), None)
 
     t_ref = max((r["steps"] for r in rows if r["name"] == "teacher"), default=None)
-    t4, tref = get("teacher", steps), get("teacher", t_ref)
+    seeds = list(dict.fromkeys(r.get("seed", 0) for r in rows))
+    tempered = next((r["name"] for r in rows if r["name"].startswith("teacher T=")), None)
     out = []
     for name in dict.fromkeys(r["name"] for r in rows if not r["name"].startswith("teacher")):
-        s4 = get(name, steps)
-        if not (s4 and t4 and tref):
-            continue
-        rel = abs(s4["entropy"] - tref["entropy"]) / tref["entropy"]
-        ok = s4["gen_ppl"] < t4["gen_ppl"] and rel <= tol
-        out.append(f"{name} @{steps} (no greedy tail): gen PPL {s4['gen_ppl']:.2f} vs teacher @{steps} "
-                   f"{t4['gen_ppl']:.2f}; entropy {s4['entropy']:.3f} vs teacher @{t_ref} {tref['entropy']:.3f} "
-                   f"({100 * rel:.1f}% off) -> {'PASS' if ok else 'FAIL'}")
+        verdicts = []
+        for sd in seeds:
+            s4, t4, tref = get(name, steps, sd), get("teacher", steps, sd), get("teacher", t_ref, sd)
+            if not (s4 and t4 and tref):
+                continue
+            rel = abs(s4["entropy"] - tref["entropy"]) / tref["entropy"]
+            ok = s4["gen_ppl"] < t4["gen_ppl"] and rel <= tol
+            verdicts.append(ok)
+            line = (f"{name} @{steps} seed {sd} (no greedy tail): gen PPL {s4['gen_ppl']:.2f} vs teacher @{steps} "
+                    f"{t4['gen_ppl']:.2f}; entropy {s4['entropy']:.3f} vs teacher @{t_ref} {tref['entropy']:.3f} "
+                    f"({100 * rel:.1f}% off) -> {'PASS' if ok else 'FAIL'}")
+            tt = get(tempered, steps, sd) if tempered else None
+            if tt is not None:
+                beats = s4["gen_ppl"] < tt["gen_ppl"] and s4["entropy"] >= tt["entropy"]
+                line += (f"; {tempered} @{steps}: {tt['gen_ppl']:.2f} / {tt['entropy']:.3f} -> "
+                         f"{'beats sharpening' if beats else 'does not beat sharpening'}")
+            out.append(line)
+        if len(verdicts) > 1:
+            out.append(f"{name}: {'PASS' if all(verdicts) else 'FAIL'} at {sum(verdicts)} of {len(verdicts)} seeds")
     return out
 
 
@@ -123,7 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--judge", required=True, help="an AR checkpoint trained with fewstep")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", default="0", help="sampling seed, or seeds: 0,1,2 (the grid once per seed)")
     p.add_argument("--teacher-steps", default="1,4,8,16,64")
     p.add_argument("--student-steps", default="1,4,8,16")
     p.add_argument("--device", default="cpu")
@@ -134,7 +153,8 @@ def main(argv=None) -> int:
 
     try:
         students = dict(s.split("=", 1) for s in a.student)
-        rows = compare(a.teacher, students, a.judge, n=a.n, batch=a.batch, seed=a.seed, device=a.device,
+        seeds = [int(x) for x in a.seed.split(",")]
+        rows = compare(a.teacher, students, a.judge, n=a.n, batch=a.batch, seed=seeds, device=a.device,
                        teacher_steps=[int(x) for x in a.teacher_steps.split(",")],
                        student_steps=[int(x) for x in a.student_steps.split(",")], temperature=a.temperature,
                        out=a.out)
