@@ -198,3 +198,26 @@ def test_distill_end_to_end_and_student_samples(teacher, tmp_path):
     assert same(state(checkpoint.load_model(teacher)[0]), t_before)
     x = generate(model, meta, n=3, steps=2, seed=0)
     assert x.shape == (3, tmeta["model"]["seq_len"]) and int(x.max()) < tmeta["model"]["vocab_size"]
+
+
+def test_own_states_come_from_the_students_rollout_not_the_data(teacher, tmp_path):
+    """states = "student": the generator's inputs are states of the student's own K-step rollout (times on its grid,
+    the all-mask state at t = 1, masked fractions that fall with t), whatever the data batch holds; it trains."""
+    run = prepare(idlm_cfg(teacher, tmp_path / "own", states="student", student_steps=4), "cpu")
+    m = run["method"]
+    torch.manual_seed(0)
+    x_t, t = m.own_states(64, torch.device("cpu"))
+    assert set(t.tolist()) <= {1.0, 0.75, 0.5, 0.25} and len(set(t.tolist())) > 1
+    if m.masked:
+        frac = (x_t == m.s.mask_id).float().mean(-1)  # (B,)
+        assert torch.all(frac[t == 1.0] == 1.0)
+        assert frac[t == 0.25].mean() < frac[t == 0.75].mean() < 1.0
+    batch = run["train"].batch(0, 4)
+    other = torch.randint_like(batch, 0, 5)  # other "data"
+    torch.manual_seed(1)
+    a = m.generate(batch)
+    torch.manual_seed(1)
+    b = m.generate(other)  # the same generator inputs and outputs
+    assert torch.equal(a, b)
+    losses, _ = m.step(batch, 0)
+    assert set(losses) == {"student", "fake"} and all(math.isfinite(v.item()) for v in losses.values())

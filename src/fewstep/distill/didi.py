@@ -265,7 +265,7 @@ class DiDi:
         time_cond: bool = False  # adaLN time conditioning for the student
         reward: str = "disc"  # disc: discriminator logit (the paper) | elbo: exact bound, no discriminator (ours)
         student_steps: int = 4  # K: the student's trajectory, uniform grid (reward = elbo)
-        elbo_mc: int = 8  # stratified t per sequence in the teacher's NELBO (reward = elbo)
+        elbo_mc: int = 8  # teacher passes per sequence for its NELBO, mask sizes stratified over 1..L (reward = elbo)
 
     def __init__(self, config: Config, setup: Setup):
         self.cfg, self.s = config, setup

@@ -10,9 +10,12 @@ with L_IDLM >= KL(p_theta || p*) >= 0 and = 0 iff p_theta = p* when f_hat is the
 the exact MDLM NELBO of oracle denoisers the difference is exactly KL(p_theta || p*), tests/test_idlm.py).
 Multistep generation (the paper's `multistep_generation`): x_data ~ batch, t_g ~ U[t_min, t_max],
 x_tg ~ q(x_t | x_data), and x0 = G_theta(x_tg, t_g) on the simplex (softmax probs pi, (B, L, V)), so at inference
-the student is an ordinary few-step sampler. The loop alternates by back-propagating each loss only into its own
-module; teacher and fake outputs inside the student loss are computed under no_grad, so the student loss has no
-graph into f_hat (and the fake loss sees sg(pi), so none into G).
+the student is an ordinary few-step sampler. `states = "student"` (ours) takes x_tg instead from the student's own
+K-step ancestral rollout (a uniform step k of K, t_g = t_k, stop-gradient): p_theta is then the law of the
+student's completions from the states it actually visits, and L_IDLM >= KL(p_theta || p*) still holds for it.
+The loop alternates by back-propagating each loss only into its own module; teacher and fake outputs inside the
+student loss are computed under no_grad, so the student loss has no graph into f_hat (and the fake loss sees
+sg(pi), so none into G).
 
 Masked teachers (MDLM Eq. 10, SUBS): with t' ~ U[eps, 1], z ~ q(. | x0) drawn as an x0-independent mask
 (prob 1 - alpha_t') and clean tokens drawn hard from sg(pi), only masked positions count and the loss is linear in x0:
@@ -96,6 +99,7 @@ class IDLM:
         t_min: float = 1e-3  # generator input time t_g ~ U[t_min, t_max]
         t_max: float = 1.0
         t_grid: bool = False  # draw t_g from the student's sampling grid {k / student_steps} instead
+        states: str = "data"  # data: x_tg ~ q(x_t | x_data) | student: a state of the student's own rollout (ours)
         loss_eps: float = 1e-3  # t' ~ U[loss_eps, 1] for the diffusion losses
         time_cond: bool = False  # adaLN time conditioning for a masked student (uniform ones always have it)
 
@@ -105,6 +109,8 @@ class IDLM:
             raise FewstepError("method.fake_steps, student_steps and steps must be >= 1")
         if not 0.0 < config.t_min <= config.t_max <= 1.0:
             raise FewstepError(f"need 0 < method.t_min <= method.t_max <= 1, got {config.t_min}, {config.t_max}")
+        if config.states not in ("data", "student"):
+            raise FewstepError(f"method.states must be 'data' or 'student', got {config.states!r}")
         self.student, self.teacher = setup.student, setup.teacher
         self.masked = setup.mask_id is not None
         self.fake = copy.deepcopy(setup.teacher).requires_grad_(True).train()  # f_hat starts as f*
@@ -121,6 +127,9 @@ class IDLM:
         from fewstep.diffusion.uniform import q_zt
 
         B, dev, c = x_data.shape[0], x_data.device, self.cfg
+        if c.states == "student":
+            x_t, t = self.own_states(B, dev)
+            return self.student(x_t, t).exp()
         if c.t_grid:
             t = torch.randint(1, c.student_steps + 1, (B,), device=dev) / c.student_steps
         else:
@@ -128,6 +137,19 @@ class IDLM:
         alpha = self.s.schedule.alpha(t)
         x_t = q_xt(x_data, alpha, self.s.mask_id) if self.masked else q_zt(x_data, alpha, self.vocab)
         return self.student(x_t, t).exp()
+
+    @torch.no_grad()
+    def own_states(self, B: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_tk (B, L), t_k (B,)): for each sequence, the state at a uniform step k in {0..K-1} of the student's
+        own K-step ancestral rollout (the states it meets at inference) instead of noised data; stop-gradient."""
+        from fewstep.diffusion.sampling import sample, time_grid
+
+        K = self.cfg.student_steps
+        _, traj = sample(self.student, self.s.schedule, batch=B, length=self.s.seq_len, steps=K,
+                         mask_id=self.s.mask_id, return_trajectory=True)
+        k = torch.randint(0, K, (B,), device=dev)
+        x_t = torch.stack(traj[:K])[k, torch.arange(B, device=dev)]  # (B, L)
+        return x_t, time_grid(K).to(dev, torch.float32)[k]
 
     @property
     def vocab(self) -> int:
