@@ -183,3 +183,7 @@ def test_presets_parse():
     with pytest.raises(FewstepError, match="unknown experiment config"):
         load("no_such_experiment")
     assert label(200_000, 4) == "200kx4" and label(1_000_000, 1.5) == "1Mx1.5" and label(0, 2) == "allx2"
+    one = load("tiny", ["--experiment.epochs=4", "--experiment.unique_tokens=50000"])
+    assert one.experiment.epochs == [4] and one.experiment.unique_tokens == [50_000]  # one-item lists
+    with pytest.raises(FewstepError, match="expected a non-empty list"):
+        load("tiny", ["--experiment.epochs=4,"])

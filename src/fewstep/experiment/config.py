@@ -80,8 +80,8 @@ def _fill(obj, table: dict, section: str) -> None:
             raise FewstepError(f"unknown config key '{section}.{key}' (known: {known}{extra})")
         typ = hints[key]
         if typing.get_origin(typ) is list:
-            items = value.split(",") if isinstance(value, str) else value
-            if not isinstance(items, list) or not items:
+            items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+            if not items or any(isinstance(v, str) and not v.strip() for v in items):  # "", "4,", [] are errors
                 raise FewstepError(f"{section}.{key}: expected a non-empty list, got {value!r}")
             value = [_coerce(v.strip() if isinstance(v, str) else v, typing.get_args(typ)[0], f"{section}.{key}")
                      for v in items]
