@@ -66,21 +66,25 @@ def q_xt(x0: torch.Tensor, alpha_t: torch.Tensor, mask_id: int, generator=None) 
     return torch.where(u < (1 - alpha_t)[:, None], torch.full_like(x0, mask_id), x0)
 
 
-def nelbo(model, schedule, x0: torch.Tensor, t: torch.Tensor, mask_id: int, generator=None) -> torch.Tensor:
-    """Per-sequence NELBO estimate in nats, one t per sequence. x0: (B, L), t: (B,) -> (B,).
+def masked_nll(model, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """-log p(x0^l | x_t) at the masked positions of x_t, 0 elsewhere. x_t, x0: (B, L), t: (B,) -> (B, L).
 
     A MaskedDenoiser predicts at the masked positions only (`masked_only=True`: the head and the log-softmax run on
-    about half the rows on average); any other model (e.g. an oracle returning (B, L, V)) is called in full.
+    the masked rows alone); any other model (e.g. an oracle returning (B, L, V)) is called in full.
     """
-    x_t = q_xt(x0, schedule.alpha(t), mask_id, generator)
     masked = x_t == mask_id  # (B, L)
     inner = getattr(model, "_orig_mod", model)  # _orig_mod: the module under a torch.compile wrapper
     if isinstance(inner, MaskedDenoiser) and inner.mask_id == mask_id:
         log_p = model(x_t, t, masked_only=True)  # (N, V), rows of `masked` in row-major order
         nll_rows = -log_p.gather(-1, x0[masked][:, None]).squeeze(-1)  # (N,)
-        nll = torch.zeros(x0.shape, dtype=nll_rows.dtype, device=x0.device).masked_scatter(masked, nll_rows)
-    else:
-        log_p = model(x_t, t)  # (B, L, V)
-        nll = -log_p.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
-        nll = torch.where(masked, nll, torch.zeros_like(nll))
-    return weight(schedule, t) * nll.sum(-1)
+        return torch.zeros(x0.shape, dtype=nll_rows.dtype, device=x0.device).masked_scatter(masked, nll_rows)
+    log_p = model(x_t, t)  # (B, L, V)
+    nll = -log_p.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
+    return torch.where(masked, nll, torch.zeros_like(nll))
+
+
+def nelbo(model, schedule, x0: torch.Tensor, t: torch.Tensor, mask_id: int, generator=None) -> torch.Tensor:
+    """Per-sequence NELBO estimate in nats, one t per sequence. x0: (B, L), t: (B,) -> (B,). The model is called
+    on the masked rows only when it can be (`masked_nll`): about half the rows on average."""
+    x_t = q_xt(x0, schedule.alpha(t), mask_id, generator)
+    return weight(schedule, t) * masked_nll(model, x_t, t, x0, mask_id).sum(-1)

@@ -102,7 +102,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fewstep.config import FewstepError
-from fewstep.diffusion.mdlm import nelbo, q_xt, sample_t
+from fewstep.diffusion.mdlm import masked_nll, nelbo, q_xt, sample_t
 from fewstep.diffusion.sampling import draw_rows, sample, sample_categorical, time_grid
 from fewstep.distill.common import Setup
 from fewstep.distill.divergences import kl_forward, kl_reverse
@@ -329,9 +329,8 @@ class DiDi:
         hide = torch.rand(M, B, L, device=dev).argsort(-1).argsort(-1) < k[:, None, None]  # (M, B, L): |M| = k
         x_t = torch.where(hide, self.s.mask_id, x[None]).view(M * B, L)
         t = (k.float() / L).repeat_interleave(B)  # the expected masked fraction (time-conditioned teachers only)
-        lp = self.teacher(x_t, t).gather(-1, x.repeat(M, 1)[..., None]).view(M, B, L)
-        nll = torch.where(hide, -lp, torch.zeros_like(lp)).sum(-1) / k[:, None]  # (M, B)
-        return nll.sum(0) * L / M
+        nll = masked_nll(self.teacher, x_t, t, x.repeat(M, 1), self.s.mask_id).view(M, B, L)
+        return (nll.sum(-1) / k[:, None]).sum(0) * L / M  # (M, B) means per mask size -> (B,)
 
     @torch.no_grad()
     def real(self, x_data: torch.Tensor) -> torch.Tensor:
