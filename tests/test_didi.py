@@ -331,6 +331,22 @@ def test_distill_then_sample_and_bench_with_rgas(teacher, tmp_path):
     assert main(["sample", "--ckpt", str(teacher), "--n", "1", "--steps", "2", "--guide", str(teacher)]) == 2  # no disc
 
 
+def test_compare_measures_a_didi_student_with_and_without_rgas(teacher, pydoc_data, tmp_path):
+    from fewstep.distill.compare import compare
+
+    judge = tmp_path / "ar"
+    pretrain(load("tiny_mdlm", tiny_overrides(pydoc_data, judge, **{"model.kind": "ar", "train.max_steps": 1})))
+    distill(didi_cfg(teacher, tmp_path / "didi"))
+    rows = compare(str(teacher), {"DiDi": str(tmp_path / "didi"), "teacher copy": str(teacher)}, str(judge),
+                   teacher_steps=(4,), student_steps=(2,), n=2, batch=2, rgas=True)
+    names = [(r["name"], r["steps"], r["greedy_tail"], r["sampler"]) for r in rows]
+    assert names == [("teacher", 4, False, "ancestral"), ("teacher", 4, True, "ancestral"),
+                     ("DiDi", 2, False, "ancestral"), ("DiDi", 2, True, "ancestral"), ("DiDi+RGAS", 2, False, "rgas"),
+                     ("teacher copy", 2, False, "ancestral"), ("teacher copy", 2, True, "ancestral")]  # no disc
+    guided = rows[4]
+    assert guided["guide_candidates"] == 4 and guided["guide_scale"] == [30.0, 40.0] and guided["gen_ppl"] > 1
+
+
 def test_exact_reward_trains_the_student_alone(teacher, tmp_path):
     run = prepare(didi_cfg(teacher, tmp_path / "elbo", reward="elbo", student_steps=2, elbo_mc=2), "cpu")
     m, t_model = run["method"], run["teacher"]
@@ -343,3 +359,18 @@ def test_exact_reward_trains_the_student_alone(teacher, tmp_path):
     rows = [r for r in map(json.loads, open(tmp_path / "elbo" / "log.jsonl")) if "lr" in r]
     assert len(rows) == 3 and all(math.isfinite(r["loss/student"]) for r in rows)
     assert all(r["teacher_nll"] > 0 and math.isfinite(r["kl_bound"]) for r in rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rgas_runs_on_the_fast_cuda_path(teacher, tmp_path):
+    """`fewstep bench --guide` on CUDA: bf16 weights and a CUDA-graphed denoiser, the discriminator's gradient tilt
+    and re-ranking around it (the path the small experiment's didi+RGAS latency rows take)."""
+    from fewstep.cli import main
+
+    out = tmp_path / "run"
+    distill(didi_cfg(teacher, out))
+    assert main(["bench", "--ckpt", str(out), "--guide", str(out), "--steps", "1,4", "--batches", "2",
+                 "--hf", "none", "--device", "cuda", "--out", str(tmp_path / "b.json")]) == 0
+    rows = [r for r in json.loads((tmp_path / "b.json").read_text()) if r.get("kind") == "mdlm"]
+    assert {r["steps"] for r in rows} == {1, 4} and all(r["sampler"] == "rgas" and r["latency_s"] > 0 for r in rows)

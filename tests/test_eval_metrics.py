@@ -123,6 +123,26 @@ def test_corpus_level_not_mean_of_batch_ppls():
     assert generative_perplexity(texts, j, dtype=torch.float64)["gen_ppl"] == pytest.approx(out["gen_ppl"])
 
 
+def test_gen_ppl_standard_error_by_hand_and_against_resampling():
+    from fewstep.eval.genppl import ratio_se
+
+    texts = ["aaaaaaaaaaab", "ba", "bbbbbbba|", "ab|b"]
+    out = generative_perplexity(texts, judge(), batch_size=2)
+    a, b = zip(*(hand_nll(CharTok().encode(t), 0) for t in texts))
+    r = sum(a) / sum(b)
+    by_hand = math.sqrt(4 / 3 * sum((ai - r * bi) ** 2 for ai, bi in zip(a, b))) / sum(b)
+    assert out["nll_se"] == pytest.approx(by_hand, rel=1e-5) and out["nll"] == pytest.approx(r)
+    assert math.isnan(generative_perplexity(texts[:1], judge())["nll_se"])  # one sample: no error bar
+    # The delta-method SE of a ratio estimator matches its spread over independent replications.
+    g = torch.Generator().manual_seed(0)
+    def draw(n):
+        b = torch.randint(20, 120, (n,), generator=g).double()  # tokens per sample
+        return b * (3.0 + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)), b  # summed NLLs
+    reps = torch.tensor([float(x.sum() / y.sum()) for x, y in (draw(64) for _ in range(2000))])
+    se = torch.tensor([ratio_se(*draw(64)) for _ in range(200)])
+    assert se.mean().item() == pytest.approx(reps.std().item(), rel=0.08)
+
+
 def test_genppl_restores_training_mode_and_rejects_empty():
     j = judge()
     j.model.train()

@@ -15,6 +15,7 @@ REDUCED = """
 name = "ci"
 runs_dir = "{runs}"
 results_dir = "{results}"
+index = "{index}"
 unique_tokens = [2048]
 epochs = [1, 2]
 
@@ -67,7 +68,8 @@ def experiment(pydoc_data, tmp_path_factory):
     """(config path, results dir, first run's output): run once, shared by the tests below."""
     root = tmp_path_factory.mktemp("experiment")
     path = root / "ci.toml"
-    path.write_text(REDUCED.format(runs=root / "runs", results=root / "results", data=pydoc_data))
+    path.write_text(REDUCED.format(runs=root / "runs", results=root / "results", data=pydoc_data,
+                                   index=root / "RESULTS.md"))
     out = run_experiment(str(path), log=lambda msg: None)
     return path, root / "results", out
 
@@ -106,6 +108,11 @@ def test_end_to_end_report(experiment):
     (cross,) = summary["crossover"]
     assert cross["epochs"] == [1, 2] and len(cross["mdlm_ahead"]) == 2
     md, short = (results / "results.md").read_text(), (results / "SUMMARY.md").read_text()
+    page = (results.parent / "RESULTS.md").read_text()  # experiment.index: every SUMMARY.md, links made relative
+    assert "## Experiment `ci`" in page and "![val_loss_vs_epochs](results/val_loss_vs_epochs.png)" in page
+    assert "| model | @1 | @2 | @4 | AR |" in short and "| teacher | " in short
+    t1 = next(r for r in gen if r["name"] == "teacher" and r["steps"] == 1)
+    assert f"{t1['entropy']:.3f}" in short.split("| teacher | ")[1].split("\n")[0]  # the pivot shows the rows
     assert "## Validation" in md and "## Speed-up at matched gen PPL" in md and "| sdtt |" in md
     assert cross["verdict"] in short and "crossover" in short
 
@@ -150,6 +157,31 @@ def test_changed_training_setting_is_refused_then_rerun_with_dependents(experime
     shutil.rmtree(path.parent / "runs" / "distill" / "sdtt_2048x2")
     ran = run_experiment(str(path), [*same_eval, "--distill.sdtt.round_steps=3"], **quiet)["stages_run"]
     assert ran == ["distill/sdtt_2048x2", "gen/sdtt", "bench/sdtt"]  # the student and what measured it
+
+
+def test_didi_student_is_also_measured_with_rgas(pydoc_data, tmp_path):
+    """eval.rgas: the DiDi student is measured twice, plain and with RGAS from its own discriminator."""
+    cfg = REDUCED.format(runs=tmp_path / "runs", results=tmp_path / "results", data=pydoc_data, index="")
+    cfg = cfg.replace("epochs = [1, 2]", "epochs = [1]").replace('methods = ["sdtt"]', 'methods = ["didi"]')
+    cfg = cfg[:cfg.index("[distill.sdtt]")] + (
+        "[distill.didi]\nsteps = 2\nteacher_steps = 2\ngroup = 2\ndisc_blocks = 1\n\n" + cfg[cfg.index("[eval]"):])
+    (tmp_path / "ci.toml").write_text(cfg + "rgas = true\nrgas_candidates = 2\n")
+    results = tmp_path / "results"
+    ran = run_experiment(str(tmp_path / "ci.toml"), log=lambda msg: None)["stages_run"]
+    assert [s for s in ran if "didi" in s] == ["distill/didi_2048x1", "gen/didi", "bench/didi", "gen/didi+RGAS",
+                                               "bench/didi+RGAS"]
+    gen = {(r["name"], r["steps"]): r for r in _rows(results / "samples.jsonl")}
+    for k in (1, 2):
+        plain, guided = gen[("didi", k)], gen[("didi+RGAS", k)]
+        assert plain["sampler"] == "ancestral" and guided["sampler"] == "rgas" and guided["role"] == "didi+RGAS"
+        assert guided["guide_candidates"] == 2 and guided["guide_scale"] == [30.0, 40.0]
+        assert guided["gen_ppl"] > 1 and guided["n_samples"] == plain["n_samples"] == 4
+    bench = [r for r in _rows(results / "bench.jsonl") if r["name"] == "didi+RGAS"]
+    assert sorted(r["steps"] for r in bench) == [1, 2] and all(r["sampler"] == "rgas" for r in bench)
+    students = {s["student"] for s in json.loads((results / "summary.json").read_text())["matched_speedup"]}
+    assert students == {"didi", "didi+RGAS"}
+    again = run_experiment(str(tmp_path / "ci.toml"), ["--eval.rgas_candidates=3"], log=lambda msg: None)
+    assert again["stages_run"] == ["gen/didi+RGAS", "bench/didi+RGAS"]  # only the guided stages depend on it
 
 
 @pytest.mark.parametrize("override, needle", [

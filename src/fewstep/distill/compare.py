@@ -25,12 +25,15 @@ COLS = ["name", "seed", "steps", "greedy_tail", "gen_ppl", "entropy", "n_samples
 
 def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps=(1, 4, 8, 16, 64),
             student_steps=(1, 4, 8, 16), n: int = 64, batch: int = 32, seed: int | list[int] = 0,
-            device: str = "cpu", temperature: float | None = None, out: str | None = None) -> list[dict]:
+            device: str = "cpu", temperature: float | None = None, rgas: bool = False,
+            out: str | None = None) -> list[dict]:
     """Measure the grid; returns the result rows (also written under `out` when given).
 
     temperature: also measure the teacher at the student step counts with this sampling temperature (no greedy
     tail): the plain sharpening baseline a distilled student must beat to show more than lower entropy.
     seed: one sampling seed or a list (the whole grid once per seed).
+    rgas: also measure every student that holds a DiDi-Instruct discriminator with reward-guided ancestral sampling
+    (the reference's settings), as "<name>+RGAS" at the student step counts.
     """
     import torch
 
@@ -60,10 +63,19 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
                     row.update(method=meta.get("distill", {}).get("method", "teacher"), weights=meta["name"], seed=sd)
                     rows.append(row)
                     print(json.dumps({k: row.get(k) for k in COLS}), flush=True)
+            extra = []  # (row name, sample_eval settings): the sharpened teacher, the RGAS-guided student
             if name == "teacher" and temperature is not None:
+                extra.append((f"teacher T={temperature}", dict(temperature=temperature)))
+            if name != "teacher" and rgas and meta["kind"] == "mdlm" and _has_discriminator(path):
+                extra.append((f"{name}+RGAS", dict(guidance=_rgas(path, model, meta, device))))
+            for row_name, kw in extra:
                 for steps in student_steps:
-                    rows.append(_tempered(model, meta, steps, temperature, n, batch, sd, tok, j, device))
-                    print(json.dumps({k: rows[-1].get(k) for k in COLS}), flush=True)
+                    torch.manual_seed(sd)
+                    row = sample_eval(model, meta, steps=steps, n=n, tokenizer=tok, judge=j, batch=batch, seed=sd,
+                                      device=device, name=row_name, **kw)
+                    row.update(method=meta.get("distill", {}).get("method", "teacher"), weights=meta["name"], seed=sd)
+                    rows.append(row)
+                    print(json.dumps({k: row.get(k) for k in COLS}), flush=True)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         with open(Path(out) / "results.jsonl", "w", encoding="utf-8") as f:
@@ -73,24 +85,20 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
     return rows
 
 
-def _tempered(model, meta, steps, temperature, n, batch, seed, tok, judge, device) -> dict:
-    """A teacher row sampled at `temperature` (sample_eval has no temperature): same judge, n, seed, batch."""
-    import time
+def _has_discriminator(path: str) -> bool:
+    from fewstep import checkpoint
 
-    from fewstep.eval.entropy import unigram_entropy
-    from fewstep.eval.genppl import generative_perplexity
-    from fewstep.pipeline import generate
+    ckpt = checkpoint.resolve(path)
+    return any((ckpt / f"{n}.safetensors").is_file() for n in ("disc", "disc_ema"))
 
-    t0 = time.perf_counter()
-    x = generate(model, meta, n=n, steps=steps, batch=batch, seed=seed, temperature=temperature, device=device)
-    seconds = time.perf_counter() - t0
-    g = generative_perplexity([tok.decode(ids) for ids in x.tolist()], judge)
-    return {"name": f"teacher T={temperature}", "kind": meta["kind"], "ckpt": meta.get("ckpt"), "steps": steps,
-            "sampler": "ancestral", "greedy_tail": False, "temperature": temperature, "precision": "fp32",
-            "sampling_dtype": "float64", "n_samples": n, "batch": batch, "seed": seed, "seq_len": x.shape[1],
-            "device": str(device), "entropy": float(unigram_entropy(x).mean()), "gen_ppl": g["gen_ppl"],
-            "judge": g["judge"], "judge_tokens": g["n_tokens"], "seconds_per_sample": seconds / n,
-            "method": "teacher", "weights": meta["name"]}
+
+def _rgas(path: str, model, meta: dict, device):
+    """DiDi-Instruct's reward-guided sampler for a DiDi run, at the reference's settings."""
+    from fewstep.diffusion.schedule import get_schedule
+    from fewstep.distill.didi import RGAS, load_discriminator
+
+    return RGAS(load_discriminator(path, device), get_schedule(meta["model"].get("schedule", "loglinear")),
+                model.mask_id)
 
 
 def table(rows: list[dict]) -> str:
@@ -102,8 +110,11 @@ def table(rows: list[dict]) -> str:
 
 
 def acceptance(rows: list[dict], steps: int = 4, tol: float = 0.05) -> list[str]:
-    """Per student and seed: gen PPL at `steps` vs the teacher's, entropy vs the teacher's at its most steps, and,
-    where a tempered teacher row exists, whether the student beats it; then one verdict over all seeds."""
+    """Per student and seed: gen PPL at `steps` vs the teacher's (with the gap in standard errors, + = student lower),
+    entropy vs the teacher's at its most steps, and, where a tempered teacher row exists, whether the student beats
+    it; then one verdict over all seeds."""
+    from fewstep.eval.genppl import z_gap
+
     def get(name, k, sd, greedy=False):
         return next((r for r in rows if r["name"] == name and r["steps"] == k and r["greedy_tail"] == greedy
                      and r.get("seed", 0) == sd), None)
@@ -121,8 +132,10 @@ def acceptance(rows: list[dict], steps: int = 4, tol: float = 0.05) -> list[str]
             rel = abs(s4["entropy"] - tref["entropy"]) / tref["entropy"]
             ok = s4["gen_ppl"] < t4["gen_ppl"] and rel <= tol
             verdicts.append(ok)
+            z = z_gap(s4, t4)
+            gap = "" if z is None else f" ({z:+.1f} SE)"
             line = (f"{name} @{steps} seed {sd} (no greedy tail): gen PPL {s4['gen_ppl']:.2f} vs teacher @{steps} "
-                    f"{t4['gen_ppl']:.2f}; entropy {s4['entropy']:.3f} vs teacher @{t_ref} {tref['entropy']:.3f} "
+                    f"{t4['gen_ppl']:.2f}{gap}; entropy {s4['entropy']:.3f} vs teacher @{t_ref} {tref['entropy']:.3f} "
                     f"({100 * rel:.1f}% off) -> {'PASS' if ok else 'FAIL'}")
             tt = get(tempered, steps, sd) if tempered else None
             if tt is not None:
@@ -147,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--student-steps", default="1,4,8,16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--temperature", type=float, default=None, help="add teacher rows at this temperature")
+    p.add_argument("--rgas", action="store_true", help="add RGAS-guided rows for DiDi-Instruct students")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     from fewstep.config import FewstepError
@@ -157,7 +171,7 @@ def main(argv=None) -> int:
         rows = compare(a.teacher, students, a.judge, n=a.n, batch=a.batch, seed=seeds, device=a.device,
                        teacher_steps=[int(x) for x in a.teacher_steps.split(",")],
                        student_steps=[int(x) for x in a.student_steps.split(",")], temperature=a.temperature,
-                       out=a.out)
+                       rgas=a.rgas, out=a.out)
     except (FewstepError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -191,6 +191,11 @@ class RGAS:
         self.scale, self.candidates, self.rerank = tuple(scale), candidates, rerank
         self.temperature, self.top_p = temperature, top_p  # the draw hook gets no filter settings: pass the same
 
+    def settings(self) -> dict:
+        """What a result row records about this sampler."""
+        return {"sampler": "rgas", "guide_scale": list(self.scale), "guide_candidates": self.candidates,
+                "guide_rerank": self.rerank}
+
     def _tilt_steps(self, steps: int) -> int:
         return int(steps * (1 - self.rerank))  # steps k < this tilt, the others re-rank (the reference's split)
 

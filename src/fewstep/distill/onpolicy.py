@@ -92,7 +92,7 @@ class OnPolicy(ARDistillation):
         t_k = times[k].flatten().float()  # (R B,)
         masked = x_k == self.s.mask_id  # (R B, L)
         idx, log_q_m = top_k_targets(log_q.repeat(R, 1, 1)[masked], self.cfg.top_k)  # (N, K)
-        log_s = self.student(x_k, t_k)[masked]  # (N, V + 1)
+        log_s = self.student(x_k, t_k, masked_only=True)  # (N, V + 1): head on the masked rows only
         loss = forward_kl(log_s, idx, log_q_m)
         logs = {"kl": loss.detach(), "masked_frac": masked.float().mean(),
                 "train_tokens": self.count(step, x.numel()), "data_tokens": 0,

@@ -108,7 +108,7 @@ class TCS(ARDistillation):
         x_t = q_xt(x0, self.s.schedule.alpha(t), self.s.mask_id)  # (B, L)
         masked = x_t == self.s.mask_id  # (B, L): the loss runs over every masked position
         idx, log_q = self.targets(x0, masked)  # (N, K)
-        log_s = self.student(x_t, t)[masked]  # (N, V + 1)
+        log_s = self.student(x_t, t, masked_only=True)  # (N, V + 1): head on the masked rows only
         kl = forward_kl(log_s, idx, log_q)
         loss = kl
         if self.cfg.data_weight > 0 and log_s.shape[0]:

@@ -118,8 +118,9 @@ def generative_perplexity(
 ) -> dict:
     """Corpus-level, token-weighted generative perplexity of `texts` under `judge` (protocol: module doc).
 
-    Returns {"gen_ppl", "nll" (mean nats per counted token), "n_tokens", "n_samples", "n_truncated",
-    "judge"}.
+    Returns {"gen_ppl", "nll" (mean nats per counted token), "nll_se", "n_tokens", "n_samples", "n_truncated",
+    "judge"}. nll_se: the standard error of nll = log(gen PPL) over the samples (`ratio_se`), so
+    gen PPL x exp(+-1.96 nll_se) is an approximate 95% interval for the sampler's expected gen PPL.
     """
     s = score_texts(texts, judge, batch_size=batch_size, device=device, dtype=dtype)
     total_w = float(s["n_tokens"].sum())
@@ -129,8 +130,31 @@ def generative_perplexity(
     return {
         "gen_ppl": math.exp(nll),
         "nll": nll,
+        "nll_se": ratio_se(s["nll_sum"], s["n_tokens"]),
         "n_tokens": int(total_w),
         "n_samples": len(texts),
         "n_truncated": s["n_truncated"],
         "judge": judge.name,
     }
+
+
+def ratio_se(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Standard error of the ratio estimator R = sum(a) / sum(b) over n i.i.d. samples (a_i, b_i), by the delta
+    method: SE(R)^2 = n / (n - 1) * sum_i (a_i - R b_i)^2 / (sum_i b_i)^2. For gen PPL, a_i is sample i's summed NLL
+    and b_i its token count, so R is the corpus-level NLL per token. NaN for fewer than two samples."""
+    a, b = a.double(), b.double()
+    n = a.numel()
+    if n < 2 or float(b.sum()) == 0:
+        return float("nan")
+    r = a.sum() / b.sum()
+    return float(((a - r * b).pow(2).sum() * n / (n - 1)).sqrt() / b.sum())
+
+
+def z_gap(a: dict | None, b: dict | None) -> float | None:
+    """(log gen PPL of b - log gen PPL of a) in standard errors of that difference, the two rows' samples taken as
+    independent (conservative when they share a sampling seed): > 2 means a is lower beyond the sampling noise.
+    None without both standard errors (rows written before they were recorded)."""
+    se = [r.get("gen_ppl_log_se") if r else None for r in (a, b)]
+    if None in se or any(math.isnan(x) for x in se) or not (a.get("gen_ppl") and b.get("gen_ppl")):
+        return None
+    return (math.log(b["gen_ppl"]) - math.log(a["gen_ppl"])) / max(math.hypot(*se), 1e-12)

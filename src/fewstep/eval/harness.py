@@ -27,13 +27,24 @@ def sample_eval(
     precision: str = "fp32",
     device=None,
     name: str | None = None,
+    temperature: float = 1.0,
+    guidance=None,
 ) -> dict:
-    """Generate n samples (timed after one warm-up batch), then score them. Returns a result row."""
+    """Generate n samples (timed after one warm-up batch), then score them. Returns a result row.
+
+    temperature: the sampler's (1 = the model's distribution); guidance: a masked-DLM sampling hook such as
+    DiDi-Instruct's RGAS (`distill.didi.RGAS`), whose `settings()` the row records."""
     from fewstep.pipeline import generate
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if guidance is not None and getattr(guidance, "temperature", temperature) != temperature:
+        from fewstep.config import FewstepError
+
+        raise FewstepError(f"the guidance hook samples at temperature {guidance.temperature}, the sampler at "
+                           f"{temperature}: build it with the same temperature")
     batch = min(batch or n, n)
-    kw = dict(steps=steps, seed=seed, greedy_tail=greedy_tail, precision=precision, device=device)
+    kw = dict(steps=steps, seed=seed, greedy_tail=greedy_tail, precision=precision, device=device,
+              temperature=temperature, guidance=guidance)
     generate(model, meta, n=batch, batch=batch, **kw)  # warm-up: allocator, kernels, caches
     x, seconds, _ = timed(lambda: generate(model, meta, n=n, batch=batch, **kw), device=device, warmup=0)
     texts = [tokenizer.decode(ids) for ids in x.tolist()]
@@ -45,6 +56,7 @@ def sample_eval(
         "steps": x.shape[1] if is_ar else steps,
         "sampler": "ar-kv-cache" if is_ar else "ancestral",
         "greedy_tail": False if is_ar else greedy_tail,
+        "temperature": temperature,
         "precision": precision,
         "sampling_dtype": "float64",
         "n_samples": n,
@@ -57,9 +69,11 @@ def sample_eval(
         "seconds_per_sample": seconds / n,
         "tokens_per_s": x.numel() / seconds,
     }
+    if guidance is not None and not is_ar:
+        row.update(guidance.settings())
     if judge is not None:
         g = generative_perplexity(texts, judge)
-        row.update(gen_ppl=g["gen_ppl"], judge=g["judge"], judge_tokens=g["n_tokens"])
+        row.update(gen_ppl=g["gen_ppl"], gen_ppl_log_se=g["nll_se"], judge=g["judge"], judge_tokens=g["n_tokens"])
     row["example"] = texts[0][:160]
     return row
 

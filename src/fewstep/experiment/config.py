@@ -27,6 +27,7 @@ class Experiment:
     results_dir: str = ""  # report; default docs/results/<name>
     unique_tokens: list[int] = field(default_factory=lambda: [0])  # budgets (0 = all of train.bin)
     epochs: list[float] = field(default_factory=lambda: [1.0])
+    index: str = ""  # results page rebuilt from every <results_dir>/../*/SUMMARY.md, e.g. docs/RESULTS.md ("" = none)
 
 
 @dataclass
@@ -59,6 +60,10 @@ class Eval:
     val_mc: int = 4
     bench_batch: int = 32
     bench_repeats: int = 3
+    rgas: bool = False  # also measure each DiDi-Instruct student with reward-guided ancestral sampling
+    rgas_scale: list[float] = field(default_factory=lambda: [30.0, 40.0])  # tilt h_0, h_1 (the reference's)
+    rgas_candidates: int = 4  # re-ranking candidates M
+    rgas_rerank: float = 0.5  # fraction of the steps (the last ones) that re-rank instead of tilting
 
 
 @dataclass
@@ -165,6 +170,9 @@ def parse(table: dict, overrides: list[str] = ()) -> ExperimentConfig:
     _require(ev.ref_steps == 0 or ev.ref_steps in ev.teacher_steps,
              f"eval.ref_steps={ev.ref_steps} must be one of eval.teacher_steps {ev.teacher_steps} (or 0: the most)")
     ev.ref_steps = ev.ref_steps or max(ev.teacher_steps)
+    _require(len(ev.rgas_scale) == 2 and ev.rgas_candidates >= 1 and 0 <= ev.rgas_rerank <= 1,
+             f"eval.rgas_scale={ev.rgas_scale} (two numbers), eval.rgas_candidates={ev.rgas_candidates} (>= 1) and "
+             f"eval.rgas_rerank={ev.rgas_rerank} (0 to 1) are invalid")
     j = ex.judge.spec
     _require(j in ("train", "best_ar", "smollm2") or j.split(":", 1)[0] in ("hf", "ckpt") and ":" in j,
              f"judge.spec={j!r} is invalid: use train, best_ar, smollm2, hf:<path or id> or ckpt:<AR checkpoint>")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fewstep.eval.genppl import z_gap
 from fewstep.report import _fmt, line_plot, markdown_table, plot
 
 GEN_COLS = ["name", "steps", "sampler", "greedy_tail", "precision", "n_samples", "seed", "gen_ppl", "entropy",
@@ -69,7 +70,8 @@ def matched_speedup(gen: list[dict], bench: list[dict], ref: int) -> list[dict]:
                    "teacher_entropy": t and t["entropy"], "matched_steps": hit and hit["steps"],
                    "student_gen_ppl": hit and hit["gen_ppl"], "student_entropy": hit and hit["entropy"],
                    "teacher_latency_s": t_lat and t_lat.get("latency_s"),
-                   "student_latency_s": s_lat and s_lat.get("latency_s"), "speedup": None, "entropy_flag": False}
+                   "student_latency_s": s_lat and s_lat.get("latency_s"), "speedup": None, "entropy_flag": False,
+                   "z_below_teacher": z_gap(hit, t) if hit else None}
             if row["teacher_latency_s"] and row["student_latency_s"]:
                 row["speedup"] = row["teacher_latency_s"] / row["student_latency_s"]
             if hit and t:
@@ -85,6 +87,7 @@ def _equal_steps(gen: list[dict]) -> list[dict]:
         if t and s.get("gen_ppl") is not None and t.get("gen_ppl") is not None:
             out.append({"student": s["name"], "steps": s["steps"], "student_gen_ppl": s["gen_ppl"],
                         "teacher_gen_ppl": t["gen_ppl"], "gen_ppl_ratio": s["gen_ppl"] / t["gen_ppl"],
+                        "z_below_teacher": z_gap(s, t),
                         "student_entropy": s["entropy"], "teacher_entropy": t["entropy"]})
     return out
 
@@ -115,6 +118,26 @@ def _plots(out: Path, grid, gen, bench, ref) -> list[Path]:
 
 def _table(rows: list[dict], cols: list[str]) -> str:
     return markdown_table(rows, cols) if rows else "(none)\n"
+
+
+def by_steps(rows: list[dict], cell) -> str:
+    """A markdown table: one row per model (in order of appearance), one column per step count, cell(row) values;
+    the AR model's single row goes in an "AR" column."""
+    steps = sorted({r["steps"] for r in rows if r.get("kind") != "ar" and r.get("role") != "ar"})
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    if not names:
+        return "(none)\n"
+    ar = any(r.get("kind") == "ar" or r.get("role") == "ar" for r in rows)
+    lines = ["| model | " + " | ".join(f"@{k}" for k in steps) + (" | AR |" if ar else " |"),
+             "|---|" + "---|" * (len(steps) + ar)]
+    for n in names:
+        mine = [r for r in rows if r["name"] == n]
+        is_ar = any(r.get("kind") == "ar" or r.get("role") == "ar" for r in mine)
+        cells = ["" if is_ar else next((cell(r) for r in mine if r["steps"] == k), "") for k in steps]
+        if ar:
+            cells.append(cell(mine[0]) if is_ar else "")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write(out_dir: str, grid: list[dict], gen: list[dict], bench: list[dict], info: dict) -> dict:
@@ -156,17 +179,63 @@ def write(out_dir: str, grid: list[dict], gen: list[dict], bench: list[dict], in
           _table(speed, list(speed[0]) if speed else []), img("gen_ppl_vs_latency")]
     (out / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     (out / "SUMMARY.md").write_text(summary_md(cfg["experiment"]["name"], setup, cross, speed, equal, bench,
-                                               info, ref), encoding="utf-8")
+                                               info, ref, gen=gen, pngs=[p.name for p in pngs]), encoding="utf-8")
+    index = cfg["experiment"].get("index")
+    if index:
+        write_index(index, out.parent)
     return {"dir": str(out), "files": sorted(p.name for p in out.iterdir()), "summary": str(out / "SUMMARY.md")}
 
 
-def summary_md(name, setup, cross, speed, equal, bench, info, ref) -> str:
-    """The RESULTS.md-style section: every sentence below is computed from the numbers in summary.json."""
+def write_index(path: str, results_root: Path) -> Path:
+    """docs/RESULTS.md: every experiment's SUMMARY.md under results_root (image links made relative to path)."""
+    import os
+
+    path = Path(path)
+    parts = ["# Results", "", "Written by `fewstep experiment <name>` from the stage files of each experiment; every "
+             "number and sentence below is computed (docs/experiments.md). Raw rows and all tables: "
+             "`docs/results/<name>/` (results.md, *.jsonl, summary.json).", ""]
+    for summary in sorted(results_root.glob("*/SUMMARY.md")):
+        rel = Path(os.path.relpath(summary.parent, path.parent)).as_posix()
+        text = summary.read_text(encoding="utf-8")
+        parts.append(text.replace("](./", f"]({rel}/").replace("](results.md)", f"]({rel}/results.md)"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def summary_md(name, setup, cross, speed, equal, bench, info, ref, gen=(), pngs=()) -> str:
+    """The RESULTS.md section of one experiment: every sentence below is computed from the numbers in
+    summary.json; the tables are the measured rows, pivoted by step count; pngs: the plots written beside it."""
+    img = lambda stem: [f"![{stem}](./{stem}.png)", ""] if f"{stem}.png" in pngs else []
     lines = [f"## Experiment `{name}`", "", setup, ""]
     n_cross = sum(c["crossover"] for c in cross)
     lines.append(f"**AR vs MDLM under repeated data.** A crossover (AR ahead at few epochs, MDLM ahead at more) "
                  f"appears at {n_cross} of {len(cross)} unique-token budgets:")
     lines += [f"- U={c['unique_tokens']:,}: {c['verdict']}." for c in cross]
+    lines += ["", *img("val_loss_vs_epochs")]
+    if gen:
+        import math
+        import statistics
+
+        se = [r["gen_ppl_log_se"] for r in gen if math.isfinite(r.get("gen_ppl_log_se") or math.nan)]
+        m = statistics.median(se) if se else None
+        noise = "" if m is None else (f"; the standard error of log gen PPL is {100 * m:.1f}% per row (median), so "
+                                      "two rows differ beyond the sampling noise (2 standard errors of the difference) "
+                                      f"when about {283 * m:.0f}% apart")
+        lines += [f"**Gen PPL / unigram entropy at @k sampling steps** (one judge; AR: its own full-length "
+                  f"sample{noise}).", "",
+                  by_steps(gen, lambda r: f"{_fmt(r.get('gen_ppl'))} / {r['entropy']:.3f}"),
+                  *img("gen_ppl_vs_steps"), *img("entropy_vs_steps")]
+    lat = [r for r in bench if r.get("latency_s")]
+    if lat:
+        b = lat[0]
+        lines += [f"**Latency of one batch** (s; batch {b.get('batch')}, L={b.get('seq_len')}, "
+                  f"{b.get('device_name') or b.get('device') or ''}; AR: KV-cached, the same length).", "",
+                  by_steps([{**r, "name": "AR KV-cache" if r.get("kind") == "ar" else r["name"]} for r in lat],
+                           lambda r: f"{r['latency_s']:.4g}"),
+                  *img("latency_vs_steps"), *img("gen_ppl_vs_latency")]
     lines += ["", f"**Distillation** (teacher(s) {', '.join(info['teachers'])}; judge `{info['judge']}`)."]
     for s in speed:
         if s["matched_steps"] is None:
@@ -176,12 +245,16 @@ def summary_md(name, setup, cross, speed, equal, bench, info, ref) -> str:
         flag = (f" but its entropy is {100 * (1 - s['student_entropy'] / s['teacher_entropy']):.1f}% lower "
                 "(part of the gain is lost diversity)" if s["entropy_flag"] else "")
         sp = f"{s['speedup']:.1f}x faster" if s["speedup"] else "latency not measured"
+        z = s.get("z_below_teacher")
+        noise = "" if z is None else (f"; {z:.1f} standard errors below it" if z >= 2 else
+                                      f"; a tie within the sampling noise ({z:+.1f} standard errors)")
         lines.append(f"- {s['student']}: matches the teacher @{ref} (gen PPL {_fmt(s['teacher_gen_ppl'])}) at "
                      f"{s['matched_steps']} steps (gen PPL {_fmt(s['student_gen_ppl'])}, entropy "
-                     f"{s['student_entropy']:.3f} vs {s['teacher_entropy']:.3f}){flag}: {sp}.")
+                     f"{s['student_entropy']:.3f} vs {s['teacher_entropy']:.3f}{noise}){flag}: {sp}.")
     wins = [e for e in equal if e["gen_ppl_ratio"] < 1]
+    sure = [e for e in wins if (e.get("z_below_teacher") or 0) >= 2]
     lines.append(f"- At equal step counts students have lower gen PPL than the teacher in {len(wins)} of "
-                 f"{len(equal)} (student, steps) pairs.")
+                 f"{len(equal)} (student, steps) pairs; {len(sure)} of them by more than 2 standard errors.")
     ar = [b for b in bench if b.get("kind") == "ar" and b.get("latency_s")]
     t_ref = [b for b in bench if b.get("role") == "teacher" and b.get("steps") == ref and b.get("latency_s")]
     if ar and t_ref:
@@ -194,5 +267,5 @@ def summary_md(name, setup, cross, speed, equal, bench, info, ref) -> str:
     total = sum(v for v in times.values() if v)
     lines += ["", f"Time: {total:.0f} s for all {len(times)} stages (as recorded when each ran); "
               f"this invocation ran {len(info['stages_run'])} of them in {info['wall_seconds']:.0f} s. Tables and "
-              "plots: results.md; raw rows: train.jsonl, samples.jsonl, bench.jsonl, summary.json.", ""]
+              "plots: [results.md](results.md); raw rows: train.jsonl, samples.jsonl, bench.jsonl, summary.json.", ""]
     return "\n".join(lines)

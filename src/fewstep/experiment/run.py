@@ -125,7 +125,7 @@ class Runner:
         models = []  # what is measured: teachers, students and the AR model of each teacher's budget
         for tl, teacher in picked.items():
             ar = next(r for r in grid if r["kind"] == "ar" and label(r["unique_tokens"], r["epochs"]) == tl)
-            tag = f" {tl}" if many else ""
+            tag, start = f" {tl}" if many else "", len(models)
             models.append(dict(name=f"teacher{tag}", ckpt=teacher["ckpt"], steps=ev.teacher_steps, role="teacher"))
             for m in ex.distill.methods:
                 cfg = copy.deepcopy(ex.methods[m])
@@ -136,8 +136,11 @@ class Runner:
                 self.stage(f"distill/{m}_{tl}", {**to_dict(cfg), "teacher_fp": src["fp"]}, lambda cfg=cfg: distill(cfg),
                            all_ranks=True, out=cfg.train.out_dir)
                 models.append(dict(name=f"{m}{tag}", ckpt=cfg.train.out_dir, steps=ev.student_steps, role=m))
+                if m == "didi" and ev.rgas and cfg.method.get("reward", "disc") == "disc":  # RGAS needs the disc
+                    models.append(dict(name=f"didi+RGAS{tag}", ckpt=cfg.train.out_dir, steps=ev.student_steps,
+                                       role="didi+RGAS", guide=True))
             models.append(dict(name=f"AR{tag}", ckpt=ar["ckpt"], steps=[1], role="ar"))
-            for mod in models[-len(ex.distill.methods) - 2:]:
+            for mod in models[start:]:
                 mod.update(group=tl, ar=ar["ckpt"])
         if self.rank != 0:  # the measurements below are rank 0's alone: no collective call may follow
             return {"stages_run": self.ran}
@@ -145,9 +148,11 @@ class Runner:
         gen, bench = [], []
         for mod in models:
             extra = {"role": mod["role"], "group": mod["group"]}
-            gen += [{**r, **extra} for r in self.gen(mod["name"], mod["ckpt"], mod["steps"], judge)]
+            guide = mod.get("guide", False)
+            gen += [{**r, **extra} for r in self.gen(mod["name"], mod["ckpt"], mod["steps"], judge, guide)]
             if mod["role"] != "ar":
-                bench += [{**r, **extra} for r in self.bench(mod["name"], mod["ckpt"], mod["steps"], mod["ar"])]
+                bench += [{**r, **extra} for r in self.bench(mod["name"], mod["ckpt"], mod["steps"], mod["ar"],
+                                                              guide)]
         from fewstep.experiment.report import write
 
         info = {"config": {"experiment": dataclasses.asdict(ex.experiment), "base": to_dict(ex.base),
@@ -169,7 +174,13 @@ class Runner:
             return "ckpt:" + self.judge_run["ckpt"]
         return j.spec
 
-    def gen(self, name: str, ckpt: str, steps: list[int], judge: str) -> list[dict]:
+    def _rgas(self) -> dict:
+        """The RGAS settings of eval (a stage key part, and what the sampler is built with)."""
+        ev = self.ex.eval
+        return {"scale": list(ev.rgas_scale), "candidates": ev.rgas_candidates, "rerank": ev.rgas_rerank}
+
+    def gen(self, name: str, ckpt: str, steps: list[int], judge: str, guide: bool = False) -> list[dict]:
+        """guide: sample with DiDi-Instruct's RGAS, the discriminator being the one saved in `ckpt`."""
         ev = self.ex.eval
 
         def fn():
@@ -182,13 +193,22 @@ class Runner:
             j = self._judge(judge)
             model, meta = load_model(ckpt, self.device)
             tok = get_tokenizer(meta["data"]["tokenizer"])
+            guidance = None
+            if guide:
+                from fewstep.diffusion.schedule import get_schedule
+                from fewstep.distill.didi import RGAS, load_discriminator
+
+                g = self._rgas()
+                guidance = RGAS(load_discriminator(ckpt, self.device), get_schedule(meta["model"].get(
+                    "schedule", "loglinear")), model.mask_id, g["scale"], g["candidates"], g["rerank"])
             rows = []
             for k in steps:
                 torch.manual_seed(ev.seed)
                 rows.append(sample_eval(model, meta, steps=k, n=ev.n, tokenizer=tok, judge=j, batch=ev.batch,
-                                        seed=ev.seed, greedy_tail=ev.greedy_tail, device=self.device, name=name))
+                                        seed=ev.seed, greedy_tail=ev.greedy_tail, device=self.device, name=name,
+                                        guidance=guidance))
             return rows
-        key = {"ckpt": ckpt, "fp": self.fp.get(ckpt), "steps": steps, "judge": judge,
+        key = {"ckpt": ckpt, "fp": self.fp.get(ckpt), "steps": steps, "judge": judge, **self._guide_key(guide),
                "judge_fp": self.fp.get(judge[5:]), **{k: getattr(ev, k) for k in
                ("n", "batch", "seed", "greedy_tail")}}
         return self.stage(f"gen/{name.replace(' ', '_')}", key, fn)
@@ -209,7 +229,10 @@ class Runner:
             self._j = (spec, j)
         return self._j[1]
 
-    def bench(self, name: str, ckpt: str, steps: list[int], ar_ckpt: str) -> list[dict]:
+    def _guide_key(self, guide: bool) -> dict:
+        return {"rgas": self._rgas()} if guide else {}  # unguided stages keep their keys from before RGAS rows
+
+    def bench(self, name: str, ckpt: str, steps: list[int], ar_ckpt: str, guide: bool = False) -> list[dict]:
         ev = self.ex.eval
 
         def fn():
@@ -221,12 +244,15 @@ class Runner:
             add_args(p)
             args = p.parse_args(["--ckpt", ckpt, "--ar-ckpt", ar_ckpt, "--steps", ",".join(map(str, steps)),
                                  "--batches", str(ev.bench_batch), "--length", str(self.ex.base.model.seq_len),
-                                 "--repeats", str(ev.bench_repeats), "--hf", "none", "--device", str(self.device)])
+                                 "--repeats", str(ev.bench_repeats), "--hf", "none", "--device", str(self.device),
+                                 *(["--guide", ckpt, "--guide-scale", ",".join(map(str, ev.rgas_scale)),
+                                    "--guide-candidates", str(ev.rgas_candidates), "--guide-rerank",
+                                    str(ev.rgas_rerank)] if guide else [])])
             rows, _ = bench_from_args(args, log=lambda msg: None)
             return [{**r, "name": name if r.get("kind") == "mdlm" else "AR KV-cache", "model": name} for r in rows]
         key = {"ckpt": ckpt, "fp": self.fp.get(ckpt), "ar": ar_ckpt, "ar_fp": self.fp.get(ar_ckpt), "steps": steps,
                "batch": ev.bench_batch, "repeats": ev.bench_repeats,
-               "length": self.ex.base.model.seq_len}
+               "length": self.ex.base.model.seq_len, **self._guide_key(guide)}
         return self.stage(f"bench/{name.replace(' ', '_')}", key, fn)
 
 
