@@ -18,7 +18,8 @@ from fewstep.diffusion.mdlm import MaskedDenoiser
 from fewstep.diffusion.sampling import sample
 from fewstep.diffusion.schedule import get_schedule
 from fewstep.distill.common import Setup
-from fewstep.distill.didi import RGAS, DiDi, Discriminator, group_normalize, load_discriminator
+from fewstep.distill.didi import DiDi, group_normalize
+from fewstep.distill.rgas import RGAS, Discriminator, load_discriminator
 from fewstep.distill.run import distill, prepare
 from fewstep.models import build_model
 from fewstep.pipeline import pretrain

@@ -57,7 +57,7 @@ def cmd_sample(args) -> None:
     from fewstep.checkpoint import load_model
     from fewstep.data import get_tokenizer
     from fewstep.diffusion.schedule import get_schedule
-    from fewstep.distill.didi import rgas_from_args
+    from fewstep.distill.rgas import rgas_from_args
     from fewstep.eval.entropy import unigram_entropy
     from fewstep.pipeline import generate
 

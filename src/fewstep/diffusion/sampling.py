@@ -18,7 +18,7 @@ Guidance (masked models only) is a hook, not a second sampler: an object with `t
 -> log_p` (may reshape the prediction before the step) and `draw(k, steps, s, x_t, rows, log_p_rows, generator)
 -> tokens (N,)` (may replace the token draw `draw_rows(log_p_rows, ...)` for the N flat positions `rows` of x_t
 that unmask at this step, e.g. by re-ranking candidates). DiDi-Instruct's reward-guided ancestral sampler
-(distill/didi.py, `RGAS`) is one; with zero guidance it returns log_p unchanged and draws exactly like the plain
+(distill/rgas.py, `RGAS`) is one; with zero guidance it returns log_p unchanged and draws exactly like the plain
 sampler, so the tokens are bit-identical for the same seed (tests/test_didi.py).
 
 Confidence-based unmasking (`unmask="confidence"`, masked models only; LLaDA's low-confidence remasking, Nie et

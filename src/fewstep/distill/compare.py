@@ -95,7 +95,7 @@ def _has_discriminator(path: str) -> bool:
 def _rgas(path: str, model, meta: dict, device):
     """DiDi-Instruct's reward-guided sampler for a DiDi run, at the reference's settings."""
     from fewstep.diffusion.schedule import get_schedule
-    from fewstep.distill.didi import RGAS, load_discriminator
+    from fewstep.distill.rgas import RGAS, load_discriminator
 
     return RGAS(load_discriminator(path, device), get_schedule(meta["model"].get("schedule", "loglinear")),
                 model.mask_id)

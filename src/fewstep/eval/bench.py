@@ -250,7 +250,7 @@ def add_args(p) -> None:
 
 def add_guide_args(p) -> None:
     """`--guide` options of `fewstep sample` and `fewstep bench`: DiDi-Instruct's reward-guided ancestral sampler
-    (distill/didi.py, RGAS); defaults are the reference implementation's settings."""
+    (distill/rgas.py, RGAS); defaults are the reference implementation's settings."""
     p.add_argument("--guide", default=None, help="DiDi-Instruct run or step dir: sample with reward-guided "
                    "ancestral sampling (RGAS) using its discriminator")
     p.add_argument("--guide-scale", default="30,40", help="RGAS tilt scale h_0,h_1 over the early steps (0,0: none)")
@@ -293,7 +293,7 @@ def bench_from_args(args, log=print, on_row=None) -> tuple[list[dict], dict]:
     guidance = None
     if getattr(args, "guide", None):
         from fewstep.diffusion.schedule import get_schedule
-        from fewstep.distill.didi import rgas_from_args
+        from fewstep.distill.rgas import rgas_from_args
 
         guidance = rgas_from_args(args, dlm, get_schedule(), device)
         meta.update(guide=args.guide, guide_scale=args.guide_scale, guide_candidates=args.guide_candidates,

@@ -33,7 +33,7 @@ def sample_eval(
     """Generate n samples (timed after one warm-up batch), then score them. Returns a result row.
 
     temperature: the sampler's (1 = the model's distribution); guidance: a masked-DLM sampling hook such as
-    DiDi-Instruct's RGAS (`distill.didi.RGAS`), whose `settings()` the row records."""
+    DiDi-Instruct's RGAS (`distill.rgas.RGAS`), whose `settings()` the row records."""
     from fewstep.pipeline import generate
 
     device = torch.device(device) if device is not None else next(model.parameters()).device

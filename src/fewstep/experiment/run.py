@@ -196,7 +196,7 @@ class Runner:
             guidance = None
             if guide:
                 from fewstep.diffusion.schedule import get_schedule
-                from fewstep.distill.didi import RGAS, load_discriminator
+                from fewstep.distill.rgas import RGAS, load_discriminator
 
                 g = self._rgas()
                 guidance = RGAS(load_discriminator(ckpt, self.device), get_schedule(meta["model"].get(
