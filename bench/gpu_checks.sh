@@ -9,7 +9,7 @@
 #   OUT=/tmp/gpu bash bench/gpu_checks.sh 6  # the small experiment; its report is copied to OUT/small
 #
 # 1  tests marked gpu (CUDA graphs, compiled decode, bf16 paths)
-# 2  roofline of one denoising step at the ~160M owt-small shape (target: within 2x of the floor)
+# 2  roofline of one denoising step at the ~160M owt-small shape (target: within 2x of the floor); fused draw
 # 3  MDLM loss head on masked rows vs the full head at that shape (time, peak memory)
 # 4  training tokens/s and MFU of small_mdlm on one GPU (target: >= 40%)
 # 5  sampling latency: 1/4/1024 steps vs KV-cached AR (compiled), batch 1 (targets: 100x and 20x)
@@ -34,6 +34,7 @@ run() {  # run <part> <seconds> <command...>
 {
 run 1 240 "$PY" -m pytest -q -m gpu tests
 run 2 150 "$PY" bench/roofline.py --preset owt-small-shape --append
+run 2 60 "$PY" bench/draw.py --device cuda --rows 1024
 run 3 120 "$PY" bench/loss_head.py --device cuda --batch 32 --len 1024 --d-model 768 --layers 12 --heads 12
 run 4 180 "$PY" bench/train_throughput.py --device cuda --preset small_mdlm --procs 1 --steps 80 --log-every 20
 run 5 240 "$PY" bench/speed.py --preset owt-small-shape --random-weights --compile --steps 1,4,1024 --batches 1 \

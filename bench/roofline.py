@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep.diffusion.sampling import filter_probs, sample, sample_categorical
+from fewstep.diffusion.sampling import draw_rows, filter_probs, sample, sample_categorical
 from fewstep.diffusion.schedule import get_schedule
 from fewstep.eval.bench import PRESETS, random_models
 from fewstep.eval.speed import device_name, git_sha, timed
@@ -120,8 +120,9 @@ def main(argv=None) -> int:
             time_it("backbone only fp32 weights + autocast", lambda: dlm.backbone(x, None))
         sched = get_schedule("loglinear")
         gen = torch.Generator(device=device).manual_seed(0)
-        step = lambda m, prec: sample(m, sched, batch=args.batch, length=length, steps=1, mask_id=m.mask_id,
-                                      generator=gen, device=device, precision=prec)
+        step = lambda m, prec, fused=None: sample(m, sched, batch=args.batch, length=length, steps=1,
+                                                  mask_id=m.mask_id, generator=gen, device=device, precision=prec,
+                                                  fused_draw=False if args.no_compile else fused)  # None: on CUDA
         time_it("sampler step fp32 weights + autocast", lambda: step(dlm, "bf16"))
         half = dlm.to(torch.bfloat16)
         time_it("forward bf16 weights", lambda: half(x, t))
@@ -140,8 +141,13 @@ def main(argv=None) -> int:
             if cuda:
                 g_comp = GraphedDenoiser(half, compile=True)
                 time_it("sampler step bf16 weights, compiled + CUDA graph", lambda: step(g_comp, "fp32"))
+                time_it("sampler step bf16 weights, compiled + CUDA graph, unfused draw",
+                        lambda: step(g_comp, "fp32", False))
         logp = half(x, t)
         time_it("float64 draw over (B, L, V)", lambda: sample_categorical(filter_probs(logp), gen))
+        if not args.no_compile:
+            time_it("float64 draw over (B, L, V), fused",
+                    lambda: draw_rows(logp.flatten(0, 1), generator=gen, fused=True))
 
     ok = {k: v for k, v in variants.items() if v}
     best_step = min((v for k, v in ok.items() if k.startswith("sampler")), default=None)

@@ -119,6 +119,24 @@ def test_sample_categorical_frequencies_in_float64():
     assert freq[3] > 0  # the 1e-4 tail is reached
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_draw_is_the_unfused_draw(temperature, monkeypatch):
+    """The compiled one-kernel race draws the same tokens from the same uniforms, chunk by chunk too."""
+    import fewstep.diffusion.sampling as sampling
+
+    log_p = (3 * torch.randn(300, 97, generator=torch.Generator().manual_seed(0))).log_softmax(-1)
+    log_p[:, 5] = -math.inf  # a zero-probability token (the mask) is never drawn
+    monkeypatch.setattr(sampling, "DRAW_CHUNK", 97 * 128)  # three chunks of rows
+    draw = lambda fused: sampling.draw_rows(log_p, temperature, generator=torch.Generator().manual_seed(1),
+                                            fused=fused)
+    fused = draw(True)
+    assert torch.equal(fused, draw(False)) and not (fused == 5).any()
+    model = _tiny_denoiser(time_cond=False)  # and inside the sampler
+    kw = dict(batch=3, length=24, steps=4, mask_id=20, temperature=temperature)
+    a = sample(model, LogLinear(), generator=torch.Generator().manual_seed(2), fused_draw=True, **kw)
+    assert torch.equal(a, sample(model, LogLinear(), generator=torch.Generator().manual_seed(2), **kw))
+
+
 def test_oracle_sampler_reproduces_the_chain():
     """Many small steps with the exact denoiser draw from the true joint distribution."""
     chain = MarkovChain(vocab=2, seed=4)

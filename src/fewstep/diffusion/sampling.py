@@ -66,15 +66,35 @@ def filter_probs(log_p: torch.Tensor, temperature: float = 1.0, top_p: float = 1
 DRAW_CHUNK = 2**26  # float64 elements per chunk of rows (512 MiB): bounds the draw's memory at any batch size
 
 
-def draw_rows(log_p: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, generator=None, probs_fn=None):
+def _race(log_p: torch.Tensor, u: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    """sample_categorical's exponential race on exp(log_p / T), unnormalised (the argmax does not care): (N, V) ->
+    (N,). Compiled (`_fused_race`), it is one kernel reading log_p and u once, with no float64 temporaries."""
+    return ((log_p.double() * inv_temperature).exp() / -torch.log1p(-u)).argmax(-1)
+
+
+@functools.cache
+def _fused_race():
+    return torch.compile(_race, dynamic=True)
+
+
+def draw_rows(log_p: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, generator=None, probs_fn=None,
+              fused: bool = False):
     """Tokens (N,) drawn in float64 from rows of log-probabilities (N, V), chunk by chunk of rows.
 
     probs_fn(p, rows) -> unnormalised probabilities maps each chunk's filtered float64 probabilities p (rows: the
     chunk's slice of the N rows) before the draw; the uniform-state posterior uses it.
+    fused: draw through one compiled kernel (`_race`) when there is no nucleus filter and no probs_fn. The
+    uniforms come from the same `torch.rand` call, so the tokens are the unfused draw's (the two differ only in the
+    float64 rounding of exp and a per-row scale, which could reorder an exact tie); the unfused path writes and
+    reads about five (N, V) float64 temporaries, which is most of a one-step sample's time on a GPU.
     """
     n = max(1, DRAW_CHUNK // log_p.shape[-1])
     out = []
     for i in range(0, log_p.shape[0], n):
+        if fused and top_p >= 1.0 and probs_fn is None:
+            u = torch.rand(log_p[i : i + n].shape, dtype=torch.float64, device=log_p.device, generator=generator)
+            out.append(_fused_race()(log_p[i : i + n], u, 1.0 / temperature))
+            continue
         p = filter_probs(log_p[i : i + n], temperature, top_p)
         out.append(sample_categorical(p if probs_fn is None else probs_fn(p, slice(i, i + n)), generator))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=log_p.device)
@@ -109,6 +129,7 @@ def sample(
     guidance=None,
     unmask: str = "random",
     block: int = 0,
+    fused_draw: bool | None = None,
 ):
     """Ancestral sampling of a masked denoiser `model(x_t, t) -> log p(x0 | x_t)` from the all-mask state.
 
@@ -119,10 +140,12 @@ def sample(
     log p(x0 | x_t) (B, L, V) that drove it (distillation targets read the teacher's predictions from it).
     guidance: an object with `tilt` and `draw` (module docstring), or None for the plain ancestral sampler.
     unmask: "random" (ancestral) or "confidence"; block: block length for block-wise decoding (0 = one block); both
-    are described in the module docstring (confidence-based decoding; masked models only).
+    are described in the module docstring (confidence-based decoding; masked models only). fused_draw: the
+    ancestral draw as one compiled kernel (`draw_rows`; the same tokens); None = on CUDA only.
     Returns x0 (B, L), or (x0, trajectory) with trajectory a list of steps + 1 states.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    fused = device.type == "cuda" if fused_draw is None else fused_draw
     pairs, blocks = _confidence_plan(unmask, block, steps, length, times, mask_id, guidance)
     if times is None:
         times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
@@ -170,8 +193,8 @@ def sample(
             rows = (masked & (u < move)).reshape(-1).nonzero().squeeze(1)  # (N,) flat positions unmasking now
             lp = log_p.flatten(0, 1)[rows]  # (N, V)
             x_new = x.reshape(-1).clone()  # only the N masked positions are written: unmasked tokens never change
-            x_new[rows] = draw_rows(lp, temperature, top_p, generator) if guidance is None else guidance.draw(
-                k, steps, s, x, rows, lp, generator)
+            x_new[rows] = (draw_rows(lp, temperature, top_p, generator, fused=fused) if guidance is None
+                           else guidance.draw(k, steps, s, x, rows, lp, generator))
             x_new, changed = x_new.view_as(x), rows.numel() > 0
         if on_step is not None:
             on_step(k, t, s, x, log_p, x_new)
