@@ -224,3 +224,21 @@ def test_lr_scale_sets_each_modules_learning_rate(pydoc_data, tmp_path):
     moved = {n: (m.weight.detach() - before[n]).abs().mean().item() for n, m in task.m.items()}
     assert moved["b"] == 0.0 and moved["a"] > 0
     assert moved["c"] == pytest.approx(2 * moved["a"], rel=0.05)
+
+
+def test_mfu_counts_the_vocabulary_head_where_it_runs():
+    from fewstep.diffusion.mdlm import MaskedDenoiser
+    from fewstep.diffusion.objective import DiffusionObjective
+    from fewstep.diffusion.schedule import LogLinear
+    from fewstep.models.transformer import Transformer
+    from fewstep.train import flops_per_token
+
+    bb = Transformer(vocab_size=50, d_model=16, n_layers=2, n_heads=2, seq_len=32, causal=False, time_cond=False)
+    model = MaskedDenoiser(bb, mask_id=49)
+    outside = ("backbone.embed", "backbone.head")
+    blocks = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(outside))
+    head, attn = 16 * 50, 12 * 2 * 16 * 32
+    assert flops_per_token(model, 32) == 6 * (blocks + head) + attn
+    frac = DiffusionObjective(model, LogLinear()).head_fraction()
+    assert frac == pytest.approx(0.5, abs=1e-3)  # E[1 - alpha_t] ~ E[t], t ~ U[0, 1]: about half the rows are masked
+    assert flops_per_token(model, 32, frac) == pytest.approx(6 * (blocks + frac * head) + attn, rel=1e-12)

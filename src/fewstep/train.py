@@ -64,12 +64,16 @@ def lr_at(step: int, total: int, cfg) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def flops_per_token(module: torch.nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6N for the weights plus 12 * layers * d * L for attention."""
-    n = sum(p.numel() for n_, p in module.named_parameters() if "embed" not in n_)
+def flops_per_token(module: torch.nn.Module, seq_len: int, head_fraction: float = 1.0) -> float:
+    """Training FLOPs per token (forward + backward): 6N for the weights plus 12 * layers * d * L for attention,
+    with the vocabulary head's 6 d V counted at `head_fraction` of the positions (the MDLM loss runs it on the masked
+    rows only: counting it everywhere would credit FLOPs that are never computed)."""
     backbone = getattr(module, "backbone", module)
+    head = getattr(backbone, "head", None)
+    n_head = sum(p.numel() for p in head.parameters()) if isinstance(head, torch.nn.Module) else 0
+    n = sum(p.numel() for n_, p in module.named_parameters() if "embed" not in n_) - n_head
     d = backbone.embed.weight.shape[1]
-    return 6 * n + 12 * backbone.n_layers * d * seq_len
+    return 6 * (n + head_fraction * n_head) + 12 * backbone.n_layers * d * seq_len
 
 
 def _swap(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -276,7 +280,8 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
     precision = tc.precision if tc.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     tokens_per_step = tc.batch_size * cfg.model.seq_len
     first = next(iter(modules.values()))
-    fpt = flops_per_token(first, cfg.model.seq_len) if hasattr(getattr(first, "backbone", first), "embed") else 0
+    fpt = (flops_per_token(first, cfg.model.seq_len, getattr(task, "head_fraction", lambda: 1.0)())
+           if hasattr(getattr(first, "backbone", first), "embed") else 0)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda"
                  and k in torch.cuda.get_device_name(device)), None)
     summary: dict = {"steps": total, "start_step": start, "skipped": 0}

@@ -25,6 +25,15 @@ class DiffusionObjective:
     def trainable(self) -> dict[str, nn.Module]:
         return {"model": self.model}
 
+    def head_fraction(self) -> float:
+        """Expected fraction of positions that reach the vocabulary head: the masked NELBO runs it on the masked
+        rows only (`masked_only`), E_t[1 - alpha_t] for t ~ U[eps, 1]; the uniform-state NELBO needs every row.
+        The loop's MFU counts the head's FLOPs at this fraction, the ones actually needed."""
+        if not self.masked:
+            return 1.0
+        t = torch.linspace(self.eps, 1.0, 10_001, dtype=torch.float64)
+        return float((1 - self.schedule.alpha(t)).mean())
+
     def nelbo(self, x0: torch.Tensor, t: torch.Tensor, generator=None) -> torch.Tensor:
         """Per-sequence NELBO estimate in nats, one t per sequence. x0: (B, L), t: (B,) -> (B,)."""
         if self.masked:
