@@ -43,6 +43,7 @@ run 6 570 "$PY" -m fewstep experiment small
 } 2>&1 | tee "${OUT:-$before}/gpu_checks.log"
 if [ -n "$OUT" ]; then
     [ -d docs/results/small ] && cp -r docs/results/small "$OUT/small"
+    [ -d runs/experiments/small/stages ] && cp -r runs/experiments/small/stages "$OUT/small-stages"  # a cut run's results
     for f in bench/results/*.jsonl; do
         b=$(basename "$f")
         new=$(diff "$before/$b" "$f" 2>/dev/null | sed -n 's/^> //p')
