@@ -14,7 +14,6 @@ of --repeats calls after --warmup (the first fused call compiles). The last line
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fewstep.diffusion.sampling import draw_rows
-from fewstep.eval.speed import device_name, git_sha, timed
+from fewstep.eval.speed import append_rows, provenance, timed
 
 
 def main(argv=None) -> int:
@@ -48,13 +47,10 @@ def main(argv=None) -> int:
         print(f"{name}: {sec[name] * 1e3:.2f} ms", file=sys.stderr)
     row = {"rows": args.rows, "vocab": args.vocab, "temperature": args.temperature, "same_tokens": same,
            "unfused_s": sec["unfused"], "fused_s": sec["fused"], "rand_s": sec["rand"],
-           "speedup": sec["unfused"] / sec["fused"], "device": str(device), "device_name": device_name(device),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "git_sha": git_sha(),
-           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+           "speedup": sec["unfused"] / sec["fused"], "device": str(device), "threads": torch.get_num_threads(),
+           **provenance(device)}
     if not args.no_append:
-        out = Path(__file__).parent / "results" / f"draw-{device.type}.jsonl"
-        with open(out, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_rows(Path(__file__).parent / "results" / f"draw-{device.type}.jsonl", [row])
     print(json.dumps(row))
     return 0
 

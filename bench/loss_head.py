@@ -16,7 +16,6 @@ bench/results/loss-head-<device>.jsonl with the git SHA, device and torch versio
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -27,7 +26,7 @@ import torch
 from fewstep.diffusion.mdlm import MaskedDenoiser, nelbo, q_xt, sample_t
 from fewstep.diffusion.sampling import autocast
 from fewstep.diffusion.schedule import LogLinear, weight
-from fewstep.eval.speed import device_name, git_sha, timed
+from fewstep.eval.speed import append_rows, provenance, timed
 from fewstep.models.transformer import Transformer
 
 
@@ -119,13 +118,10 @@ def main(argv=None) -> int:
         "full_peak_bytes": peak.get("full"), "masked_peak_bytes": peak.get("masked"),
         "max_rel_diff": max_rel,
         "command": " ".join(["python", "bench/loss_head.py", *(argv if argv is not None else sys.argv[1:])]),
-        "device": device.type, "device_name": device_name(device), "torch": torch.__version__, "git_sha": git_sha(),
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type, **provenance(device),
     }
     if not args.no_append:
-        path = Path(__file__).parent / "results" / f"loss-head-{device.type}.jsonl"
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_rows(Path(__file__).parent / "results" / f"loss-head-{device.type}.jsonl", [row])
     print(json.dumps(row))
     return 0
 

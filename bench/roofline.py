@@ -16,7 +16,6 @@ JSON; with --append it is also appended to bench/results/roofline-<preset>.jsonl
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from fewstep.diffusion.sampling import draw_rows, filter_probs, sample, sample_categorical
 from fewstep.diffusion.schedule import get_schedule
 from fewstep.eval.bench import PRESETS, random_models
-from fewstep.eval.speed import device_name, git_sha, timed
+from fewstep.eval.speed import append_rows, provenance, timed
 from fewstep.models.inference import GraphedDenoiser, capture
 
 
@@ -158,15 +157,10 @@ def main(argv=None) -> int:
            "variants_s": variants, "best_forward_s": best_fwd, "best_step_s": best_step,
            "best_forward_over_floor": best_fwd / floor if best_fwd else None,
            "best_step_over_floor": best_step / floor if best_step else None,
-           "git_sha": git_sha(), "device_name": device_name(device), "torch": torch.__version__,
-           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    line = json.dumps(row, default=str)
+           **provenance(device)}
     if args.append:
-        out = Path(__file__).parent / "results" / f"roofline-{args.preset}.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-    print(line)
+        append_rows(Path(__file__).parent / "results" / f"roofline-{args.preset}.jsonl", [row])
+    print(json.dumps(row, default=str))
     return 0
 
 

@@ -16,7 +16,6 @@ printed is JSON. On a shared machine the numbers are noisy: compare rows of one 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep.eval.speed import git_sha
+from fewstep.eval.speed import provenance
 
 
 def _device_name(device: str, threads: int) -> str:
@@ -64,8 +63,7 @@ def run_one(args, nproc: int, mode: str, out: Path, port: int) -> dict:
             "tokens_per_s_windows": [r["tokens_per_s"] for r in windows], "mfu": sum(mfu) / len(mfu) if mfu else None,
             "wall_s": wall, "threads_per_process": args.threads, "overrides": args.overrides,
             "command": " ".join([f"OMP_NUM_THREADS={args.threads}", "python", *cmd[1:]]).replace(str(out), "OUT"),
-            "device": args.device, "device_name": _device_name(args.device, args.threads), "torch": torch.__version__,
-            "git_sha": git_sha(), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "device": args.device, **provenance(args.device, _device_name(args.device, args.threads))}
 
 
 def main(argv=None) -> int:

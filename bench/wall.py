@@ -10,18 +10,15 @@ thread count, so a slower commit shows as a new line beside the old ones. The la
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from fewstep.checkpoint import load_model
 from fewstep.config import load
-from fewstep.eval.speed import device_name, git_sha
+from fewstep.eval.speed import append_rows, provenance
 from fewstep.pipeline import generate, pretrain
 
 
@@ -50,13 +47,10 @@ def main(argv=None) -> int:
             rows.append({"preset": preset, "train_steps": args.steps, "train_s": train_s,
                          "steps_per_s": args.steps / train_s, "train_tokens_per_s": tokens / train_s,
                          "samples": args.samples, "sample_steps": args.sample_steps, "sample_s": sample_s,
-                         "git_sha": git_sha(), "device_name": device_name("cpu"), "torch": torch.__version__,
-                         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+                         **provenance("cpu")})
             print(json.dumps(rows[-1]), file=sys.stderr)
     if not args.no_append:
-        path = Path(__file__).parent / "results" / "wall-tiny.jsonl"
-        with open(path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        append_rows(Path(__file__).parent / "results" / "wall-tiny.jsonl", rows)
     print(json.dumps({"rows": rows}))
     return 0
 

@@ -39,6 +39,8 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
 
     from fewstep.checkpoint import load_model
     from fewstep.data import get_tokenizer
+    from fewstep.diffusion.schedule import get_schedule
+    from fewstep.distill.rgas import rgas_for
     from fewstep.eval.harness import sample_eval
     from fewstep.eval.judge import Judge
 
@@ -67,7 +69,8 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
             if name == "teacher" and temperature is not None:
                 extra.append((f"teacher T={temperature}", dict(temperature=temperature)))
             if name != "teacher" and rgas and meta["kind"] == "mdlm" and _has_discriminator(path):
-                extra.append((f"{name}+RGAS", dict(guidance=_rgas(path, model, meta, device))))
+                schedule = get_schedule(meta["model"].get("schedule", "loglinear"))
+                extra.append((f"{name}+RGAS", dict(guidance=rgas_for(path, model, schedule, device))))
             for row_name, kw in extra:
                 for steps in student_steps:
                     torch.manual_seed(sd)
@@ -90,15 +93,6 @@ def _has_discriminator(path: str) -> bool:
 
     ckpt = checkpoint.resolve(path)
     return any((ckpt / f"{n}.safetensors").is_file() for n in ("disc", "disc_ema"))
-
-
-def _rgas(path: str, model, meta: dict, device):
-    """DiDi-Instruct's reward-guided sampler for a DiDi run, at the reference's settings."""
-    from fewstep.diffusion.schedule import get_schedule
-    from fewstep.distill.rgas import RGAS, load_discriminator
-
-    return RGAS(load_discriminator(path, device), get_schedule(meta["model"].get("schedule", "loglinear")),
-                model.mask_id)
 
 
 def table(rows: list[dict]) -> str:

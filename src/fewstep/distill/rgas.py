@@ -133,6 +133,16 @@ class RGAS:
         return tok[j[rows // L], torch.arange(rows.numel(), device=x.device)]
 
 
+def rgas_for(run, model, schedule, device, scale=(30.0, 40.0), candidates: int = 4, rerank: float = 0.5,
+             temperature: float = 1.0, top_p: float = 1.0) -> RGAS:
+    """RGAS for sampling the masked DLM `model` with the discriminator of the DiDi run (or step dir) `run`;
+    the defaults are the reference implementation's settings."""
+    if getattr(model, "mask_id", None) is None:
+        raise FewstepError("RGAS (--guide) works with masked diffusion models only")
+    return RGAS(load_discriminator(run, device), schedule, model.mask_id, scale, candidates, rerank, temperature,
+                top_p)
+
+
 def rgas_from_args(args, model, schedule, device) -> RGAS | None:
     """The RGAS hook that `--guide ...` (eval/bench.add_guide_args) asks for, or None without --guide."""
     if not getattr(args, "guide", None):
@@ -141,7 +151,5 @@ def rgas_from_args(args, model, schedule, device) -> RGAS | None:
         h0, h1 = (float(v) for v in str(args.guide_scale).split(","))
     except ValueError:
         raise FewstepError(f"--guide-scale must be two numbers h_0,h_1, got {args.guide_scale!r}") from None
-    if getattr(model, "mask_id", None) is None:
-        raise FewstepError("--guide (RGAS) works with masked diffusion models only")
-    return RGAS(load_discriminator(args.guide, device), schedule, model.mask_id, (h0, h1), args.guide_candidates,
-                args.guide_rerank, getattr(args, "temperature", 1.0), getattr(args, "top_p", 1.0))
+    return rgas_for(args.guide, model, schedule, device, (h0, h1), args.guide_candidates, args.guide_rerank,
+                    getattr(args, "temperature", 1.0), getattr(args, "top_p", 1.0))

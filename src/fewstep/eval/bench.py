@@ -13,14 +13,13 @@ of unchanged predictions for models without time conditioning), so the numbers i
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 
 import torch
 
 from fewstep.config import FewstepError
-from fewstep.eval.speed import device_name, git_sha, timed
+from fewstep.eval.speed import provenance, timed
 
 # Model shapes for random-weight runs. owt-small-shape: the MDLM/SDTT/Duo OWT model (GPT-2 small, ~160M
 # parameters with untied embeddings) at L = 1024; tiny: a CPU smoke test of the same code path.
@@ -287,9 +286,7 @@ def bench_from_args(args, log=print, on_row=None) -> tuple[list[dict], dict]:
     pick = lambda key, default: _ints(getattr(args, key)) if getattr(args, key) else p.get(key, default)
     grid = dict(steps=pick("steps", [1, 4, 16, 64]), batches=pick("batches", [1]), lengths=pick("lengths", []),
                 sweep_steps=pick("sweep_steps", [1]))
-    meta = {**info, "git_sha": git_sha(), "device_name": device_name(device), "torch": torch.__version__,
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "repeats": args.repeats, "warmup": args.warmup, "command": " ".join(sys.argv)}
+    meta = {**info, **provenance(device), "repeats": args.repeats, "warmup": args.warmup, "command": " ".join(sys.argv)}
     guidance = None
     if getattr(args, "guide", None):
         from fewstep.diffusion.schedule import get_schedule

@@ -196,11 +196,10 @@ class Runner:
             guidance = None
             if guide:
                 from fewstep.diffusion.schedule import get_schedule
-                from fewstep.distill.rgas import RGAS, load_discriminator
+                from fewstep.distill.rgas import rgas_for
 
-                g = self._rgas()
-                guidance = RGAS(load_discriminator(ckpt, self.device), get_schedule(meta["model"].get(
-                    "schedule", "loglinear")), model.mask_id, g["scale"], g["candidates"], g["rerank"])
+                schedule = get_schedule(meta["model"].get("schedule", "loglinear"))
+                guidance = rgas_for(ckpt, model, schedule, self.device, **self._rgas())
             rows = []
             for k in steps:
                 torch.manual_seed(ev.seed)
