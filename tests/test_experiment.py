@@ -161,7 +161,8 @@ def test_changed_training_setting_is_refused_then_rerun_with_dependents(experime
 
 def test_didi_student_is_also_measured_with_rgas(pydoc_data, tmp_path):
     """eval.rgas: the DiDi student is measured twice, plain and with RGAS from its own discriminator."""
-    cfg = REDUCED.format(runs=tmp_path / "runs", results=tmp_path / "results", data=pydoc_data, index="")
+    page = tmp_path / "docs" / "RESULTS.md"  # a results page whose folder does not hold these results
+    cfg = REDUCED.format(runs=tmp_path / "runs", results=tmp_path / "results", data=pydoc_data, index=page)
     cfg = cfg.replace("epochs = [1, 2]", "epochs = [1]").replace('methods = ["sdtt"]', 'methods = ["didi"]')
     cfg = cfg[:cfg.index("[distill.sdtt]")] + (
         "[distill.didi]\nsteps = 2\nteacher_steps = 2\ngroup = 2\ndisc_blocks = 1\n\n" + cfg[cfg.index("[eval]"):])
@@ -179,7 +180,7 @@ def test_didi_student_is_also_measured_with_rgas(pydoc_data, tmp_path):
     bench = [r for r in _rows(results / "bench.jsonl") if r["name"] == "didi+RGAS"]
     assert sorted(r["steps"] for r in bench) == [1, 2] and all(r["sampler"] == "rgas" for r in bench)
     students = {s["student"] for s in json.loads((results / "summary.json").read_text())["matched_speedup"]}
-    assert students == {"didi", "didi+RGAS"}
+    assert students == {"didi", "didi+RGAS"} and not page.exists()  # an index elsewhere is never overwritten
     again = run_experiment(str(tmp_path / "ci.toml"), ["--eval.rgas_candidates=3"], log=lambda msg: None)
     assert again["stages_run"] == ["gen/didi+RGAS", "bench/didi+RGAS"]  # only the guided stages depend on it
 

@@ -181,7 +181,7 @@ def write(out_dir: str, grid: list[dict], gen: list[dict], bench: list[dict], in
     (out / "SUMMARY.md").write_text(summary_md(cfg["experiment"]["name"], setup, cross, speed, equal, bench,
                                                info, ref, gen=gen, pngs=[p.name for p in pngs]), encoding="utf-8")
     index = cfg["experiment"].get("index")
-    if index:
+    if index and out.resolve().is_relative_to(Path(index).resolve().parent):  # results elsewhere: leave it alone
         write_index(index, out.parent)
     return {"dir": str(out), "files": sorted(p.name for p in out.iterdir()), "summary": str(out / "SUMMARY.md")}
 
