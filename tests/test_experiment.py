@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
 from fewstep.cli import main
 from fewstep.config import FewstepError
@@ -183,6 +185,63 @@ def test_didi_student_is_also_measured_with_rgas(pydoc_data, tmp_path):
     assert students == {"didi", "didi+RGAS"} and not page.exists()  # an index elsewhere is never overwritten
     again = run_experiment(str(tmp_path / "ci.toml"), ["--eval.rgas_candidates=3"], log=lambda msg: None)
     assert again["stages_run"] == ["gen/didi+RGAS", "bench/didi+RGAS"]  # only the guided stages depend on it
+
+
+ALL_METHODS = """
+[distill.sdtt]
+teacher_steps = 4
+student_steps = 2
+round_steps = 2
+groups = 2
+
+[distill.boot]
+start_steps = 2
+min_steps = 1
+round_steps = 1
+
+[distill.idlm]
+steps = 2
+
+[distill.didi]
+steps = 2
+teacher_steps = 2
+group = 2
+disc_blocks = 1
+
+[distill.tcs]
+init = "scratch"
+target = "taylor"
+top_k = 4
+data_weight = 1.0
+steps = 2
+
+"""
+
+
+def all_methods_experiment(pydoc_data, tmp_path) -> dict:
+    """The reduced experiment with every method of the small preset (sdtt boot idlm didi tcs) and RGAS rows; the
+    device is whatever the runner picks (CUDA when present). Returns the first run's output."""
+    cfg = REDUCED.format(runs=tmp_path / "runs", results=tmp_path / "results", data=pydoc_data, index="")
+    cfg = cfg.replace("epochs = [1, 2]", "epochs = [1]").replace(
+        'methods = ["sdtt"]', 'methods = ["sdtt", "boot", "idlm", "didi", "tcs"]')
+    cfg = cfg[:cfg.index("[distill.sdtt]")] + ALL_METHODS + cfg[cfg.index("[eval]"):]
+    (tmp_path / "ci.toml").write_text(cfg + "rgas = true\nrgas_candidates = 2\n")
+    return run_experiment(str(tmp_path / "ci.toml"), log=lambda msg: None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_method_of_the_small_preset_runs_on_cuda(pydoc_data, tmp_path):
+    """What the small experiment does on a GPU (bf16 training, CUDA-graphed and fused-draw sampling, RGAS, TCS's
+    Taylor targets), at toy sizes: every stage runs and every measurement is finite and on CUDA."""
+    out = all_methods_experiment(pydoc_data, tmp_path)
+    assert {s.split("/")[1] for s in out["stages_run"] if s.startswith("distill/")} == {
+        f"{m}_2048x1" for m in ("sdtt", "boot", "idlm", "didi", "tcs")}
+    gen = _rows(tmp_path / "results" / "samples.jsonl")
+    assert {r["name"] for r in gen} == {"teacher", "sdtt", "boot", "idlm", "didi", "didi+RGAS", "tcs", "AR"}
+    assert all(r["device"].startswith("cuda") and math.isfinite(r["gen_ppl"]) for r in gen)
+    bench = _rows(tmp_path / "results" / "bench.jsonl")
+    assert bench and all(r["latency_s"] > 0 and str(r["device"]).startswith("cuda") for r in bench)
 
 
 @pytest.mark.parametrize("override, needle", [
