@@ -40,7 +40,7 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
     from fewstep.checkpoint import load_model
     from fewstep.data import get_tokenizer
     from fewstep.diffusion.schedule import get_schedule
-    from fewstep.distill.rgas import rgas_for
+    from fewstep.distill.rgas import discriminator_file, rgas_for
     from fewstep.eval.harness import sample_eval
     from fewstep.eval.judge import Judge
 
@@ -68,7 +68,7 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
             extra = []  # (row name, sample_eval settings): the sharpened teacher, the RGAS-guided student
             if name == "teacher" and temperature is not None:
                 extra.append((f"teacher T={temperature}", dict(temperature=temperature)))
-            if name != "teacher" and rgas and meta["kind"] == "mdlm" and _has_discriminator(path):
+            if name != "teacher" and rgas and meta["kind"] == "mdlm" and discriminator_file(path):
                 schedule = get_schedule(meta["model"].get("schedule", "loglinear"))
                 extra.append((f"{name}+RGAS", dict(guidance=rgas_for(path, model, schedule, device))))
             for row_name, kw in extra:
@@ -86,13 +86,6 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
         (Path(out) / "table.md").write_text(table(rows) + "\n\n" + "\n".join(acceptance(rows)) + "\n",
                                             encoding="utf-8")
     return rows
-
-
-def _has_discriminator(path: str) -> bool:
-    from fewstep import checkpoint
-
-    ckpt = checkpoint.resolve(path)
-    return any((ckpt / f"{n}.safetensors").is_file() for n in ("disc", "disc_ema"))
 
 
 def table(rows: list[dict]) -> str:

@@ -53,6 +53,15 @@ class Discriminator(nn.Module):
         return self.head(bb.hidden(h, t if bb.time_cond else None)).squeeze(-1).float().sum(-1)  # (B,)
 
 
+def discriminator_file(path):
+    """The discriminator weights of a run or step dir (EMA first), or None if it holds none."""
+    from fewstep import checkpoint
+
+    ckpt = checkpoint.resolve(path)
+    return next((ckpt / f"{n}.safetensors" for n in ("disc_ema", "disc") if (ckpt / f"{n}.safetensors").is_file()),
+                None)
+
+
 def load_discriminator(path, device="cpu") -> Discriminator:
     """The discriminator of a DiDi run or step dir (EMA weights when present), in eval mode."""
     from fewstep import checkpoint
@@ -61,11 +70,10 @@ def load_discriminator(path, device="cpu") -> Discriminator:
 
     ckpt = checkpoint.resolve(path)
     meta = checkpoint.read_meta(ckpt)
-    name = next((n for n in ("disc_ema", "disc") if (ckpt / f"{n}.safetensors").is_file()), None)
-    if name is None or "student" not in meta.get("models", {}):
+    file = discriminator_file(ckpt)
+    if file is None or "student" not in meta.get("models", {}):
         raise FewstepError(f"{ckpt} holds no DiDi-Instruct discriminator: guidance needs a checkpoint of "
                            "`fewstep distill` with method.name = \"didi\"")
-    file = ckpt / f"{name}.safetensors"
     spec = dict(meta["models"]["student"])
     vocab = spec.pop("vocab_size")
     keys = checkpoint.load_tensors(file).keys()
