@@ -141,6 +141,35 @@ def test_rerun_skips_finished_stages(experiment, monkeypatch):
     assert run_experiment(str(path), log=lambda msg: None)["stages_run"] == ["bench/sdtt"]
 
 
+def test_report_only_runs_nothing_and_reports_what_is_done(pydoc_data, tmp_path, monkeypatch):
+    cfg = tmp_path / "ci.toml"
+    cfg.write_text(REDUCED.format(runs=tmp_path / "runs", results=tmp_path / "results", data=pydoc_data, index=""))
+    run_experiment(str(cfg), log=lambda msg: None)
+    stages = tmp_path / "runs" / "stages"
+    for lost in ("gen/sdtt", "bench/sdtt", "train/ar_2048x1"):  # as if the run had been cut
+        (stages / f"{lost}.json").unlink()
+
+    def boom(*a, **k):
+        raise AssertionError("report-only ran a stage")
+
+    import fewstep.distill.run
+    import fewstep.eval.harness
+    import fewstep.pipeline
+
+    for mod, fn in ((fewstep.pipeline, "pretrain"), (fewstep.distill.run, "distill"),
+                    (fewstep.eval.harness, "sample_eval")):
+        monkeypatch.setattr(mod, fn, boom)
+    out = run_experiment(str(cfg), log=lambda msg: None, report_only=True)
+    assert out["stages_run"] == [] and not (stages / "gen" / "sdtt.json").exists()
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert sorted(summary["stages_missing"]) == ["bench/sdtt", "gen/sdtt", "train/ar_2048x1"]
+    gen = _rows(tmp_path / "results" / "samples.jsonl")
+    assert {r["name"] for r in gen} == {"teacher", "AR"}  # the student's rows are the ones not measured yet
+    (cross,) = summary["crossover"]
+    assert cross["epochs"] == [2]  # E=1 lost its AR run: that epoch count is left out, not compared
+    assert main(["experiment", str(cfg), "--report-only"]) == 0
+
+
 def test_changed_eval_setting_reruns_only_its_stages(experiment):
     path, results, _ = experiment
     ran = run_experiment(str(path), ["--eval.n=2", "--eval.batch=2"], log=lambda msg: None)["stages_run"]

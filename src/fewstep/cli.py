@@ -143,7 +143,8 @@ def cmd_report(args) -> None:
 def cmd_experiment(args) -> None:
     from fewstep.experiment import run_experiment
 
-    out = run_experiment(args.experiment, args.overrides, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = run_experiment(args.experiment, args.overrides, log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                         report_only=args.report_only)
     if out.get("summary"):
         from pathlib import Path
 
@@ -228,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("experiment", help="train AR + MDLM on a budget x epochs grid, distill, evaluate, report "
                        "(resumable; overrides: --eval.n=16, --experiment.epochs=1,4, --distill.sdtt.round_steps=50)")
     x.add_argument("experiment", help="configs/experiments/<name>.toml, or a name in it (tiny, small, paper)")
+    x.add_argument("--report-only", action="store_true", help="run nothing: write the report from the stages "
+                   "already done (a cut run, or stage files from another machine)")
     x.set_defaults(fn=cmd_experiment, config=None)
     return p
 

@@ -32,7 +32,10 @@ def crossover(grid: list[dict]) -> list[dict]:
     """Per budget: AR and MDLM val NLL at each epoch count, which is ahead, and a one-line verdict."""
     out = []
     for u in sorted({r["unique_tokens"] for r in grid}):
-        eps = sorted({r["epochs"] for r in grid if r["unique_tokens"] == u})
+        eps = sorted({r["epochs"] for r in grid if r["unique_tokens"] == u  # both kinds done (a partial report)
+                      and all(_get(grid, kind=k, unique_tokens=u, epochs=r["epochs"]) for k in ("ar", "mdlm"))})
+        if not eps:
+            continue
         ar = [_get(grid, kind="ar", unique_tokens=u, epochs=e)["val_nll"] for e in eps]
         md = [_get(grid, kind="mdlm", unique_tokens=u, epochs=e)["val_nll"] for e in eps]
         ahead = [m < a for m, a in zip(md, ar)]

@@ -16,6 +16,7 @@ stages run on every rank and the measurements on rank 0.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -29,13 +30,19 @@ from fewstep.config import FewstepError, to_dict
 from fewstep.experiment.config import ExperimentConfig, _methods, label, load
 
 
-class Runner:
-    """Runs the stages in order; `ran` lists the stages computed in this call (the rest were done before)."""
+class Missing(Exception):
+    """A stage that has not run, met in report-only mode: what depends on it is left out of the report."""
 
-    def __init__(self, ex: ExperimentConfig, log=print):
+
+class Runner:
+    """Runs the stages in order; `ran` lists the stages computed in this call (the rest were done before).
+    report_only: run nothing; write the report from the stages already done (`missing` lists the others)."""
+
+    def __init__(self, ex: ExperimentConfig, log=print, report_only: bool = False):
         from fewstep.train import init_distributed
 
         self.ex, self.log, self.ran, self.fp, self.seconds = ex, log, [], {}, {}
+        self.report_only, self.missing = report_only, []
         self.rank, self.world, self.device = init_distributed()
         self.runs = Path(ex.experiment.runs_dir)
 
@@ -58,10 +65,13 @@ class Runner:
                 self.log(f"[skip] {name}: done")
                 self.seconds[name] = done.get("seconds")
                 return done["result"]
-            if out and checkpoint.latest(out) is not None:  # resuming would mix two configs in one run
+            if out and checkpoint.latest(out) is not None and not self.report_only:  # would mix two configs
                 what = _diff(done.get("key"), key)
                 raise FewstepError(f"{out} was trained with other settings ({what}): delete it, or set "
                                    "experiment.runs_dir to start the experiment afresh")
+        if self.report_only:
+            self.missing.append(name)
+            raise Missing(name)
         result = None
         if all_ranks or self.rank == 0:
             self.log(f"[run] {name}")
@@ -111,8 +121,13 @@ class Runner:
             for e in ex.experiment.epochs:
                 for kind in ("ar", "mdlm"):
                     name = f"{kind}_{label(u, e)}"
-                    grid.append(self.validate(self.pretrain(kind, u, e, name), name))
-        judge = self.judge_path(grid)
+                    with self.optional():
+                        grid.append(self.validate(self.pretrain(kind, u, e, name), name))
+        if not any(r["kind"] == "mdlm" for r in grid):
+            raise FewstepError(f"no MDLM pre-training stage of {ex.experiment.name} is done yet: nothing to report")
+        judge = None
+        with self.optional():
+            judge = self.judge_path(grid)
         mdlm = [r for r in grid if r["kind"] == "mdlm"]
         top = max(r["unique_tokens"] or float("inf") for r in mdlm)
         picked = {}
@@ -124,7 +139,9 @@ class Runner:
         many = len(picked) > 1
         models = []  # what is measured: teachers, students and the AR model of each teacher's budget
         for tl, teacher in picked.items():
-            ar = next(r for r in grid if r["kind"] == "ar" and label(r["unique_tokens"], r["epochs"]) == tl)
+            ar = next((r for r in grid if r["kind"] == "ar" and label(r["unique_tokens"], r["epochs"]) == tl), None)
+            if ar is None:  # report-only, before the AR run of this budget is done
+                continue
             tag, start = f" {tl}" if many else "", len(models)
             models.append(dict(name=f"teacher{tag}", ckpt=teacher["ckpt"], steps=ev.teacher_steps, role="teacher"))
             for m in ex.distill.methods:
@@ -133,8 +150,11 @@ class Runner:
                 cfg.method["teacher"], cfg.train.out_dir = src["ckpt"], str(self.runs / "distill" / f"{m}_{tl}")
                 from fewstep.distill.run import distill
 
-                self.stage(f"distill/{m}_{tl}", {**to_dict(cfg), "teacher_fp": src["fp"]}, lambda cfg=cfg: distill(cfg),
-                           all_ranks=True, out=cfg.train.out_dir)
+                with self.optional() as done:
+                    self.stage(f"distill/{m}_{tl}", {**to_dict(cfg), "teacher_fp": src["fp"]},
+                               lambda cfg=cfg: distill(cfg), all_ranks=True, out=cfg.train.out_dir)
+                if not done:
+                    continue
                 models.append(dict(name=f"{m}{tag}", ckpt=cfg.train.out_dir, steps=ev.student_steps, role=m))
                 if m == "didi" and ev.rgas and cfg.method.get("reward", "disc") == "disc":  # RGAS needs the disc
                     models.append(dict(name=f"didi+RGAS{tag}", ckpt=cfg.train.out_dir, steps=ev.student_steps,
@@ -149,19 +169,37 @@ class Runner:
         for mod in models:
             extra = {"role": mod["role"], "group": mod["group"]}
             guide = mod.get("guide", False)
-            gen += [{**r, **extra} for r in self.gen(mod["name"], mod["ckpt"], mod["steps"], judge, guide)]
+            with self.optional():
+                if judge is None:
+                    raise Missing("the judge")
+                gen += [{**r, **extra} for r in self.gen(mod["name"], mod["ckpt"], mod["steps"], judge, guide)]
             if mod["role"] != "ar":
-                bench += [{**r, **extra} for r in self.bench(mod["name"], mod["ckpt"], mod["steps"], mod["ar"],
-                                                              guide)]
+                with self.optional():
+                    bench += [{**r, **extra} for r in self.bench(mod["name"], mod["ckpt"], mod["steps"], mod["ar"],
+                                                                  guide)]
         from fewstep.experiment.report import write
 
         info = {"config": {"experiment": dataclasses.asdict(ex.experiment), "base": to_dict(ex.base),
                            "judge": dataclasses.asdict(ex.judge), "distill": dataclasses.asdict(ex.distill),
                            "eval": dataclasses.asdict(ev)},
                 "judge": judge, "judge_run": getattr(self, "judge_run", None), "teachers": list(picked),
-                "stages_run": self.ran, "wall_seconds": time.perf_counter() - t0, "stage_seconds": self.seconds}
+                "stages_run": self.ran, "wall_seconds": time.perf_counter() - t0, "stage_seconds": self.seconds,
+                "stages_missing": self.missing}
         out = write(ex.experiment.results_dir, grid, gen, bench, info)
         return {**out, "stages_run": self.ran, "wall_seconds": info["wall_seconds"]}
+
+    @contextlib.contextmanager
+    def optional(self):
+        """In report-only mode a stage not yet done leaves out what depends on it: yields [True], emptied on Missing
+        (falsy), so the caller can tell."""
+        done = [True]
+        try:
+            yield done
+        except Missing as e:
+            if not self.report_only:
+                raise
+            self.log(f"[missing] {e}")
+            done.clear()
 
     def judge_path(self, grid: list[dict]) -> str:
         """The judge spec: our own AR checkpoint as "ckpt:<path>", or a smollm2 / hf: spec unchanged."""
@@ -264,6 +302,8 @@ def _diff(old, new, where: str = "") -> str:
     return f"{where or 'settings'} {old!r} -> {new!r}"
 
 
-def run_experiment(config: str, overrides: list[str] = (), log=print) -> dict:
-    """Load the experiment config, run (or resume) every stage, write the report; returns what was written."""
-    return Runner(load(config, overrides), log).run()
+def run_experiment(config: str, overrides: list[str] = (), log=print, report_only: bool = False) -> dict:
+    """Load the experiment config, run (or resume) every stage, write the report; returns what was written.
+    report_only: run nothing, and write the report from the stages already done (a cut run, another machine's
+    stage files)."""
+    return Runner(load(config, overrides), log, report_only).run()
