@@ -88,7 +88,7 @@ def time_dlm(model, *, batch, length, steps, device, precision="fp32", repeats=1
     _, sec, times = timed(fn, device=device, warmup=0, repeats=repeats)
     return _row("mdlm", "mdlm", "ancestral" if guidance is None else "rgas", batch=batch, length=length,
                 seconds=sec, times=times, device=device, precision=precision, steps=steps, greedy_tail=False,
-                sampling_dtype="float64")
+                sampling_dtype="float64", fused_draw=torch.device(device).type == "cuda" and guidance is None)
 
 
 @torch.no_grad()
