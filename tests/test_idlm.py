@@ -99,6 +99,25 @@ def test_uniform_gradient_matches_the_kl_gradient():
     assert est.norm().item() == pytest.approx(exact.norm().item(), rel=0.02)
 
 
+def test_masked_gradient_matches_the_kl_gradient():
+    """The masked (SUBS) relaxation with the optimal fake: E grad = grad KL(q_pi || p*) for a product p* (the fake's
+    own term needs no gradient: sum_v grad pi_v = 0)."""
+    torch.manual_seed(1)
+    p_star = product(torch.softmax(1.5 * torch.randn(L, V, dtype=torch.float64), -1))
+    logits = torch.randn(L, V, dtype=torch.float64, requires_grad=True)
+    q = product(torch.softmax(logits, -1))
+    (exact,) = torch.autograd.grad((q * (q / p_star).log()).sum(), logits)
+    m, _ = method_for(p_star, torch.softmax(logits, -1).detach(), True, 40000)
+
+    def probs():  # (B, L, V + 1): the student's simplex output, no mass on the mask
+        p = torch.softmax(logits, -1)
+        return torch.cat([p, torch.zeros(L, 1, dtype=p.dtype)], -1).expand(40000, L, V + 1)
+
+    est = sum(torch.autograd.grad(m.student_loss(probs()) * L, logits)[0] for _ in range(4)) / 4
+    assert torch.nn.functional.cosine_similarity(est.flatten(), exact.flatten(), 0) > 0.9995
+    assert est.norm().item() == pytest.approx(exact.norm().item(), rel=0.02)
+
+
 def test_soft_uniform_terms_match_nelbo_terms_on_one_hot():
     torch.manual_seed(0)
     B, N = 4, 5
