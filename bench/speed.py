@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fewstep.config import FewstepError
 from fewstep.eval.bench import add_args, bench_from_args
+from fewstep.eval.speed import append_rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,14 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.results) / f"speed-{args.preset or 'ckpt'}.jsonl"
 
-    def append(row: dict) -> None:  # row by row: a run stopped by a time limit keeps what it measured
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, default=str) + "\n")
-
-    try:
+    try:  # row by row: a run stopped by a time limit keeps what it measured
         rows, summary = bench_from_args(args, log=lambda m: print(m, file=sys.stderr, flush=True),
-                                        on_row=None if args.no_append else append)
+                                        on_row=None if args.no_append else lambda row: append_rows(out, [row]))
     except FewstepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

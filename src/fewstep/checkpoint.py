@@ -31,13 +31,20 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
-def _write_json(path: Path, obj) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a synced temporary file and a rename: a kill leaves the old file or the new
+    one, never half of either."""
+    path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=2, default=str))
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def _fsync_dir(path: Path) -> None:

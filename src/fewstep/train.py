@@ -170,9 +170,7 @@ class _Logger:
         if self.path.exists():  # drop lines a crashed run wrote after the checkpoint we resume from
             keep = [ln for ln in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
                     if (row := _row(ln)) is not None and row.get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")  # atomic: a kill while rewriting loses no line
-            tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-            os.replace(tmp, self.path)
+            checkpoint.write_text_atomic(self.path, "".join(k + "\n" for k in keep))  # a kill loses no line
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -49,6 +49,15 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
     # The AR model was trained on EOS-separated documents, so EOS is its natural start-of-text (as in the demo).
     j = Judge.from_module(ar, tok, max_len=ar_meta["model"]["seq_len"] + 1, name=f"AR {judge}", bos_id=tok.eos_id)
     rows = []
+
+    def measure(model, meta, row_name, steps, sd, **kw):  # one row: same judge, n, batch and seed for every model
+        torch.manual_seed(sd)
+        row = sample_eval(model, meta, steps=steps, n=n, tokenizer=tok, judge=j, batch=batch, seed=sd,
+                          device=device, name=row_name, **kw)
+        row.update(method=meta.get("distill", {}).get("method", "teacher"), weights=meta["name"], seed=sd)
+        rows.append(row)
+        print(json.dumps({k: row.get(k) for k in COLS}), flush=True)
+
     runs = [("teacher", teacher, teacher_steps), *[(k, v, student_steps) for k, v in students.items()]]
     for name, path, grid in runs:
         model, meta = load_model(path, device)
@@ -59,12 +68,7 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
         for sd in [seed] if isinstance(seed, int) else seed:
             for steps in grid:
                 for greedy in (False, True):
-                    torch.manual_seed(sd)
-                    row = sample_eval(model, meta, steps=steps, n=n, tokenizer=tok, judge=j, batch=batch, seed=sd,
-                                      greedy_tail=greedy, device=device, name=name)
-                    row.update(method=meta.get("distill", {}).get("method", "teacher"), weights=meta["name"], seed=sd)
-                    rows.append(row)
-                    print(json.dumps({k: row.get(k) for k in COLS}), flush=True)
+                    measure(model, meta, name, steps, sd, greedy_tail=greedy)
             extra = []  # (row name, sample_eval settings): the sharpened teacher, the RGAS-guided student
             if name == "teacher" and temperature is not None:
                 extra.append((f"teacher T={temperature}", dict(temperature=temperature)))
@@ -73,12 +77,7 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
                 extra.append((f"{name}+RGAS", dict(guidance=rgas_for(path, model, schedule, device))))
             for row_name, kw in extra:
                 for steps in student_steps:
-                    torch.manual_seed(sd)
-                    row = sample_eval(model, meta, steps=steps, n=n, tokenizer=tok, judge=j, batch=batch, seed=sd,
-                                      device=device, name=row_name, **kw)
-                    row.update(method=meta.get("distill", {}).get("method", "teacher"), weights=meta["name"], seed=sd)
-                    rows.append(row)
-                    print(json.dumps({k: row.get(k) for k in COLS}), flush=True)
+                    measure(model, meta, row_name, steps, sd, **kw)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         with open(Path(out) / "results.jsonl", "w", encoding="utf-8") as f:

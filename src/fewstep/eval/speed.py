@@ -3,6 +3,8 @@ a timing: the device and the git commit it was measured at."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import platform
 import statistics
 import subprocess
@@ -55,18 +57,13 @@ def git_sha() -> str:
 def provenance(device, name: str | None = None) -> dict:
     """What every benchmark row carries: device name, torch version, git SHA and UTC time. name: the device's name
     when the caller knows better (e.g. a row measured in child processes with their own thread counts)."""
-    import datetime
-
     return {"device_name": name or device_name(device), "torch": torch.__version__, "git_sha": git_sha(),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def append_rows(path, rows) -> None:
     """Append JSON lines to a results file (bench/results/*.jsonl), creating its folder."""
-    import json
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.writelines(json.dumps(r, default=str) + "\n" for r in rows)
-

@@ -193,6 +193,8 @@ def write_index(path: str, results_root: Path) -> Path:
     """docs/RESULTS.md: every experiment's SUMMARY.md under results_root (image links made relative to path)."""
     import os
 
+    from fewstep import checkpoint
+
     path = Path(path)
     parts = ["# Results", "", "Written by `fewstep experiment <name>` from the stage files of each experiment; every "
              "number and sentence below is computed (docs/experiments.md). Raw rows and all tables: "
@@ -202,9 +204,7 @@ def write_index(path: str, results_root: Path) -> Path:
         text = summary.read_text(encoding="utf-8")
         parts.append(text.replace("](./", f"]({rel}/").replace("](results.md)", f"]({rel}/results.md)"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
+    checkpoint.write_text_atomic(path, "\n".join(parts))
     return path
 
 

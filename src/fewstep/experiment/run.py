@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -82,10 +81,8 @@ class Runner:
                 result["stage_seconds"] = self.seconds[name]
         if self.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
             record = {"key": key, "result": result, "seconds": self.seconds[name]}
-            tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
-            os.replace(tmp, path)  # atomic: a killed run never leaves a half-written marker
+            checkpoint.write_text_atomic(path, json.dumps(record, indent=1))  # a kill leaves no half-written marker
             self.ran.append(name)
         self._barrier()
         return json.loads(path.read_text(encoding="utf-8"))["result"]
@@ -270,7 +267,7 @@ class Runner:
         return {"rgas": self._rgas()} if guide else {}  # unguided stages keep their keys from before RGAS rows
 
     def bench(self, name: str, ckpt: str, steps: list[int], ar_ckpt: str, guide: bool = False) -> list[dict]:
-        ev = self.ex.eval
+        ev, g = self.ex.eval, self._rgas()
 
         def fn():
             import argparse
@@ -282,9 +279,9 @@ class Runner:
             args = p.parse_args(["--ckpt", ckpt, "--ar-ckpt", ar_ckpt, "--steps", ",".join(map(str, steps)),
                                  "--batches", str(ev.bench_batch), "--length", str(self.ex.base.model.seq_len),
                                  "--repeats", str(ev.bench_repeats), "--hf", "none", "--device", str(self.device),
-                                 *(["--guide", ckpt, "--guide-scale", ",".join(map(str, ev.rgas_scale)),
-                                    "--guide-candidates", str(ev.rgas_candidates), "--guide-rerank",
-                                    str(ev.rgas_rerank)] if guide else [])])
+                                 *(["--guide", ckpt, "--guide-scale", ",".join(map(str, g["scale"])),
+                                    "--guide-candidates", str(g["candidates"]), "--guide-rerank",
+                                    str(g["rerank"])] if guide else [])])
             rows, _ = bench_from_args(args, log=lambda msg: None)
             return [{**r, "name": name if r.get("kind") == "mdlm" else "AR KV-cache", "model": name} for r in rows]
         key = {"ckpt": ckpt, "fp": self.fp.get(ckpt), "ar": ar_ckpt, "ar_fp": self.fp.get(ar_ckpt), "steps": steps,
