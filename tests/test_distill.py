@@ -244,6 +244,10 @@ def test_compare_grid_writes_rows_table_and_acceptance(teacher, ar_ckpt, tmp_pat
     assert len((tmp_path / "res" / "results.jsonl").read_text().splitlines()) == len(rows)
     text = (tmp_path / "res" / "table.md").read_text()
     assert "BOOT @4 seed 0 (no greedy tail)" in text and "teacher T=0.9 @4" in text
+    off = compare(str(teacher), {"BOOT": str(tmp_path / "boot")}, str(ar_ckpt), teacher_steps=(4,),
+                  student_steps=(4,), n=2, batch=2, greedy_tail=False)
+    assert [(r["name"], r["greedy_tail"]) for r in off] == [("teacher", False), ("BOOT", False)]
+    assert [r["gen_ppl"] for r in off] == [rows[2]["gen_ppl"], rows[5]["gen_ppl"]]  # the same rows, same seed
 
 
 def test_acceptance_needs_every_seed_and_compares_with_sharpening():

@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="rebuild even if the data dir exists")
     d.set_defaults(fn=cmd_data)
     with_config(sub.add_parser("train", help="pre-train an MDLM or AR model"), "tiny_mdlm").set_defaults(fn=cmd_train)
-    with_config(sub.add_parser("distill", help="distill a teacher checkpoint into a few-step student ([method] "
-                                 "table: name = sdtt | boot)"), "distill_sdtt_tiny").set_defaults(fn=cmd_distill)
+    distill_help = "distill a teacher checkpoint into a few-step student ([method] table: name = sdtt | boot | idlm " \
+                   "| didi | tcs | onpolicy)"
+    with_config(sub.add_parser("distill", help=distill_help), "distill_sdtt_tiny").set_defaults(fn=cmd_distill)
 
     s = sub.add_parser("sample", help="sample from a checkpoint (JSONL: text, entropy)")
     s.add_argument("--ckpt", required=True)

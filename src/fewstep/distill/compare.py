@@ -1,13 +1,14 @@
 """Teacher vs students on one harness: generative perplexity and entropy at each step count, one judge.
 
-    python -m fewstep.distill.compare --teacher runs/tiny_mdlm --student SDTT=runs/distill_sdtt_tiny \
-        --student BOOT=runs/distill_boot_tiny --judge runs/tiny_ar --n 64 --out docs/results/distill_tiny
+    python -m fewstep.distill.compare --teacher runs/tiny_teacher --student SDTT=runs/distill_sdtt_tiny \
+        --student BOOT=runs/distill_boot_tiny --judge runs/tiny_ar --n 64 --out results/distill
 
 Every row comes from `fewstep.eval.harness.sample_eval` with the same judge, sample count, seed, batch and float64
 categorical sampling; the undistilled teacher is measured with and without greedy tail at every step count (the
-few-step baselines), and so is every student. Writes <out>/results.jsonl (raw rows) and <out>/table.md, and prints
-the acceptance check of docs/distillation.md: student at 4 steps below the teacher at 4 steps in gen PPL, with
-entropy within 5% of the teacher's at the most steps measured. `--seed 0,1,2` repeats the grid per sampling seed
+few-step baselines), and so is every student (`--greedy-tail off`: without it only, at half the cost). Writes
+<out>/results.jsonl (raw rows) and <out>/table.md, and prints the acceptance check of docs/distillation.md:
+student at 4 steps below the teacher at 4 steps in gen PPL, with entropy within 5% of the teacher's at the most
+steps measured. `--seed 0,1,2` repeats the grid per sampling seed
 (the same seed for teacher and students) and a student passes only if it passes at every seed; with
 `--temperature T` the check also says whether the student beats the teacher sampled at T (lower gen PPL at no less
 entropy), i.e. whether it gains more than plain sharpening.
@@ -26,7 +27,7 @@ COLS = ["name", "seed", "steps", "greedy_tail", "gen_ppl", "entropy", "n_samples
 def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps=(1, 4, 8, 16, 64),
             student_steps=(1, 4, 8, 16), n: int = 64, batch: int = 32, seed: int | list[int] = 0,
             device: str = "cpu", temperature: float | None = None, rgas: bool = False,
-            out: str | None = None) -> list[dict]:
+            greedy_tail: bool = True, out: str | None = None) -> list[dict]:
     """Measure the grid; returns the result rows (also written under `out` when given).
 
     temperature: also measure the teacher at the student step counts with this sampling temperature (no greedy
@@ -34,6 +35,7 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
     seed: one sampling seed or a list (the whole grid once per seed).
     rgas: also measure every student that holds a DiDi-Instruct discriminator with reward-guided ancestral sampling
     (the reference's settings), as "<name>+RGAS" at the student step counts.
+    greedy_tail: also measure every model and step count with greedy tail (False: only without it).
     """
     import torch
 
@@ -67,7 +69,7 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
             raise FewstepError(f"{path} and the judge {judge} use different tokenizers")
         for sd in [seed] if isinstance(seed, int) else seed:
             for steps in grid:
-                for greedy in (False, True):
+                for greedy in (False, True)[:1 + greedy_tail]:
                     measure(model, meta, name, steps, sd, greedy_tail=greedy)
             extra = []  # (row name, sample_eval settings): the sharpened teacher, the RGAS-guided student
             if name == "teacher" and temperature is not None:
@@ -147,6 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--temperature", type=float, default=None, help="add teacher rows at this temperature")
     p.add_argument("--rgas", action="store_true", help="add RGAS-guided rows for DiDi-Instruct students")
+    p.add_argument("--greedy-tail", choices=("both", "off"), default="both",
+                   help="'off': rows without greedy tail only (half the sampling)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     from fewstep.config import FewstepError
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
         rows = compare(a.teacher, students, a.judge, n=a.n, batch=a.batch, seed=seeds, device=a.device,
                        teacher_steps=[int(x) for x in a.teacher_steps.split(",")],
                        student_steps=[int(x) for x in a.student_steps.split(",")], temperature=a.temperature,
-                       rgas=a.rgas, out=a.out)
+                       rgas=a.rgas, greedy_tail=a.greedy_tail == "both", out=a.out)
     except (FewstepError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

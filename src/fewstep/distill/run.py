@@ -31,7 +31,7 @@ SHAPE_KEYS = ("kind", "seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio", 
 
 @dataclass
 class Common:
-    teacher: str = "runs/tiny_mdlm"
+    teacher: str = "runs/tiny_teacher"
     init: str = "teacher"  # "teacher" | "scratch" | a checkpoint path
 
 
@@ -60,7 +60,7 @@ def load_teacher(path: str, device, kinds=("mdlm",)) -> tuple[torch.nn.Module, d
     """The frozen teacher (eval mode, no gradients) and its checkpoint meta; `kinds`: the method's teacher kinds."""
     if not Path(path).exists():
         raise FewstepError(f"teacher checkpoint {path} does not exist: train one first (fewstep train --config "
-                           "tiny_mdlm) or set method.teacher")
+                           "tiny_teacher) or set method.teacher")
     teacher, meta = checkpoint.load_model(path, device)
     if meta["kind"] not in kinds:
         raise FewstepError(f"teacher {path} is a {meta['kind']!r} model; these methods distill masked diffusion "
