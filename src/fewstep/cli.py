@@ -56,7 +56,7 @@ def cmd_sample(args) -> None:
 
     from fewstep.checkpoint import load_model
     from fewstep.data import get_tokenizer
-    from fewstep.diffusion.schedule import get_schedule
+    from fewstep.diffusion.schedule import schedule_of
     from fewstep.distill.rgas import rgas_from_args
     from fewstep.eval.entropy import unigram_entropy
     from fewstep.pipeline import generate
@@ -64,7 +64,7 @@ def cmd_sample(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_model(args.ckpt, device)
     tok = get_tokenizer(meta["data"]["tokenizer"])
-    guidance = rgas_from_args(args, model, get_schedule(meta["model"].get("schedule", "loglinear")), device)
+    guidance = rgas_from_args(args, model, schedule_of(meta), device)
     t0 = time.perf_counter()
     x = generate(model, meta, n=args.n, steps=args.steps, length=args.length, batch=args.batch, seed=args.seed,
                  greedy_tail=args.greedy_tail, temperature=args.temperature, top_p=args.top_p, device=device,

@@ -69,7 +69,7 @@ def generate(model, meta: dict, *, n: int, steps: int, length: int | None = None
     guidance: a sampling hook for masked DLMs (diffusion/sampling.sample), e.g. DiDi-Instruct's RGAS."""
     from fewstep.ar import ar_sample
     from fewstep.diffusion.sampling import sample
-    from fewstep.diffusion.schedule import get_schedule
+    from fewstep.diffusion.schedule import schedule_of
 
     _check_sampling(n=n, steps=steps, length=length, batch=batch, seed=seed, temperature=temperature, top_p=top_p)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -84,7 +84,7 @@ def generate(model, meta: dict, *, n: int, steps: int, length: int | None = None
             x = ar_sample(model, batch=b, length=length, bos_id=meta["data"]["eos_id"], generator=gen,
                           temperature=temperature, top_p=top_p, device=device, precision=precision)
         elif meta["kind"] in ("mdlm", "uniform"):
-            x = sample(model, get_schedule(spec.get("schedule", "loglinear")), batch=b, length=length,
+            x = sample(model, schedule_of(meta), batch=b, length=length,
                        steps=steps, mask_id=model.mask_id, greedy_tail=greedy_tail, temperature=temperature,
                        top_p=top_p, generator=gen, device=device, precision=precision, guidance=guidance)
         else:

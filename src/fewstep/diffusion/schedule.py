@@ -51,3 +51,8 @@ def get_schedule(name: str = "loglinear"):
 
         raise FewstepError(f"unknown schedule '{name}' (known: {', '.join(SCHEDULES)})")
     return SCHEDULES[name]()
+
+
+def schedule_of(meta: dict):
+    """The noise schedule a checkpoint was trained with (its meta's model.schedule; loglinear when absent)."""
+    return get_schedule(meta["model"].get("schedule", "loglinear"))

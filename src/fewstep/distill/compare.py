@@ -8,10 +8,9 @@ categorical sampling; the undistilled teacher is measured with and without greed
 few-step baselines), and so is every student (`--greedy-tail off`: without it only, at half the cost). Writes
 <out>/results.jsonl (raw rows) and <out>/table.md, and prints the acceptance check of docs/distillation.md:
 student at 4 steps below the teacher at 4 steps in gen PPL, with entropy within 5% of the teacher's at the most
-steps measured. `--seed 0,1,2` repeats the grid per sampling seed
-(the same seed for teacher and students) and a student passes only if it passes at every seed; with
-`--temperature T` the check also says whether the student beats the teacher sampled at T (lower gen PPL at no less
-entropy), i.e. whether it gains more than plain sharpening.
+steps measured. `--seed 0,1,2` repeats the grid per sampling seed (the same seed for teacher and students) and a
+student passes only if it passes at every seed; with `--temperature T` the check also says whether the student
+beats the teacher sampled at T (lower gen PPL at no less entropy), i.e. whether it gains more than plain sharpening.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
 
     from fewstep.checkpoint import load_model
     from fewstep.data import get_tokenizer
-    from fewstep.diffusion.schedule import get_schedule
+    from fewstep.diffusion.schedule import schedule_of
     from fewstep.distill.rgas import discriminator_file, rgas_for
     from fewstep.eval.harness import sample_eval
     from fewstep.eval.judge import Judge
@@ -75,8 +74,7 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
             if name == "teacher" and temperature is not None:
                 extra.append((f"teacher T={temperature}", dict(temperature=temperature)))
             if name != "teacher" and rgas and meta["kind"] == "mdlm" and discriminator_file(path):
-                schedule = get_schedule(meta["model"].get("schedule", "loglinear"))
-                extra.append((f"{name}+RGAS", dict(guidance=rgas_for(path, model, schedule, device))))
+                extra.append((f"{name}+RGAS", dict(guidance=rgas_for(path, model, schedule_of(meta), device))))
             for row_name, kw in extra:
                 for steps in student_steps:
                     measure(model, meta, row_name, steps, sd, **kw)

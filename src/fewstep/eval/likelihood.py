@@ -33,12 +33,12 @@ def objective(model, meta: dict):
     """The pre-training objective of a loaded checkpoint; its `validate` is the validation metric."""
     from fewstep.ar import ARObjective
     from fewstep.diffusion.objective import DiffusionObjective
-    from fewstep.diffusion.schedule import get_schedule
+    from fewstep.diffusion.schedule import schedule_of
 
     if meta["kind"] == "ar":
         return ARObjective(model)
     if meta["kind"] in ("mdlm", "uniform"):  # the masked NELBO, or the uniform-state one: both are bounds
-        return DiffusionObjective(model, get_schedule(meta["model"].get("schedule", "loglinear")))
+        return DiffusionObjective(model, schedule_of(meta))
     raise FewstepError(f"no likelihood for a model of kind '{meta['kind']}'")
 
 

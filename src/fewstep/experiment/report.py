@@ -126,16 +126,17 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 def by_steps(rows: list[dict], cell) -> str:
     """A markdown table: one row per model (in order of appearance), one column per step count, cell(row) values;
     the AR model's single row goes in an "AR" column."""
-    steps = sorted({r["steps"] for r in rows if r.get("kind") != "ar" and r.get("role") != "ar"})
+    of_ar = lambda r: r.get("kind") == "ar" or r.get("role") == "ar"
+    steps = sorted({r["steps"] for r in rows if not of_ar(r)})
     names = list(dict.fromkeys(r["name"] for r in rows))
     if not names:
         return "(none)\n"
-    ar = any(r.get("kind") == "ar" or r.get("role") == "ar" for r in rows)
+    ar = any(map(of_ar, rows))
     lines = ["| model | " + " | ".join(f"@{k}" for k in steps) + (" | AR |" if ar else " |"),
              "|---|" + "---|" * (len(steps) + ar)]
     for n in names:
         mine = [r for r in rows if r["name"] == n]
-        is_ar = any(r.get("kind") == "ar" or r.get("role") == "ar" for r in mine)
+        is_ar = any(map(of_ar, mine))
         cells = ["" if is_ar else next((cell(r) for r in mine if r["steps"] == k), "") for k in steps]
         if ar:
             cells.append(cell(mine[0]) if is_ar else "")

@@ -230,11 +230,10 @@ class Runner:
             tok = get_tokenizer(meta["data"]["tokenizer"])
             guidance = None
             if guide:
-                from fewstep.diffusion.schedule import get_schedule
+                from fewstep.diffusion.schedule import schedule_of
                 from fewstep.distill.rgas import rgas_for
 
-                schedule = get_schedule(meta["model"].get("schedule", "loglinear"))
-                guidance = rgas_for(ckpt, model, schedule, self.device, **self._rgas())
+                guidance = rgas_for(ckpt, model, schedule_of(meta), self.device, **self._rgas())
             rows = []
             for k in steps:
                 torch.manual_seed(ev.seed)
