@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from conftest import tiny_overrides
 from fewstep import checkpoint
-from fewstep.config import load
+from fewstep.config import FewstepError, load
 from fewstep.diffusion.schedule import get_schedule
 from fewstep.diffusion.uniform import nelbo_terms
 from fewstep.distill.common import Setup
@@ -73,12 +73,12 @@ def test_objective_is_kl_and_zero_at_the_teacher(masked):
     B = 20000
     # student == teacher distribution (a product p*): fake == teacher exactly, so every sample is ~0
     m, probs = method_for(product(marg), marg, masked, 64)
-    assert abs(m.student_loss(probs).item()) < 1e-9
+    assert abs(m.student_loss(probs)[1].item()) < 1e-9
     for pi in (marg, torch.softmax(torch.randn(L, V, dtype=torch.float64), -1)):
         q = product(pi)
         kl = (q * (q / p_star).log()).sum().item()
         m, probs = method_for(p_star, pi, masked, B)
-        est = sum(m.student_loss(probs).item() for _ in range(4)) / 4 * L  # per sequence
+        est = sum(m.student_loss(probs)[1].item() for _ in range(4)) / 4 * L  # per sequence
         assert kl > 0.05 and est == pytest.approx(kl, rel=0.1), (est, kl)
 
 
@@ -93,7 +93,7 @@ def test_uniform_gradient_matches_the_kl_gradient():
     q = product(pi)
     (exact,) = torch.autograd.grad((q * (q / p_star).log()).sum(), logits)
     m, _ = method_for(p_star, pi.detach(), False, 40000)
-    est = sum(torch.autograd.grad(m.student_loss(torch.softmax(logits, -1).expand(40000, L, V)) * L, logits)[0]
+    est = sum(torch.autograd.grad(m.student_loss(torch.softmax(logits, -1).expand(40000, L, V))[0] * L, logits)[0]
               for _ in range(4)) / 4
     assert torch.nn.functional.cosine_similarity(est.flatten(), exact.flatten(), 0) > 0.9995
     assert est.norm().item() == pytest.approx(exact.norm().item(), rel=0.02)
@@ -113,9 +113,35 @@ def test_masked_gradient_matches_the_kl_gradient():
         p = torch.softmax(logits, -1)
         return torch.cat([p, torch.zeros(L, 1, dtype=p.dtype)], -1).expand(40000, L, V + 1)
 
-    est = sum(torch.autograd.grad(m.student_loss(probs()) * L, logits)[0] for _ in range(4)) / 4
+    est = sum(torch.autograd.grad(m.student_loss(probs())[0] * L, logits)[0] for _ in range(4)) / 4
     assert torch.nn.functional.cosine_similarity(est.flatten(), exact.flatten(), 0) > 0.9995
     assert est.norm().item() == pytest.approx(exact.norm().item(), rel=0.02)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_context_grad_makes_the_gradient_exact_with_correlated_positions(masked):
+    """With a correlated p*, the other positions' losses depend on each position's draw: the plain relaxation drops
+    that (cos 0.93 / 0.91 here, norm -8%); method.context_grad adds its score-function term and the estimator
+    matches grad KL(q_pi || p*)."""
+    torch.manual_seed(2)
+    p_star = torch.softmax(1.5 * torch.randn(V**L, dtype=torch.float64), 0)
+    logits = torch.randn(L, V, dtype=torch.float64, requires_grad=True)
+    q = product(torch.softmax(logits, -1))
+    (exact,) = torch.autograd.grad((q * (q / p_star).log()).sum(), logits)
+    m, _ = method_for(p_star, torch.softmax(logits, -1).detach(), masked, 40000)
+
+    def probs():
+        p = torch.softmax(logits, -1)
+        p = torch.cat([p, torch.zeros(L, 1, dtype=p.dtype)], -1) if masked else p
+        return p.expand(40000, L, -1)
+
+    cos = {}
+    for ctx in (False, True):
+        m.cfg.context_grad = ctx
+        est = sum(torch.autograd.grad(m.student_loss(probs())[0] * L, logits)[0] for _ in range(4)) / 4
+        cos[ctx] = torch.nn.functional.cosine_similarity(est.flatten(), exact.flatten(), 0).item()
+    assert cos[False] < 0.95 and cos[True] > 0.999, cos
+    assert est.norm().item() == pytest.approx(exact.norm().item(), rel=0.03)
 
 
 def test_soft_uniform_terms_match_nelbo_terms_on_one_hot():
@@ -240,3 +266,11 @@ def test_own_states_come_from_the_students_rollout_not_the_data(teacher, tmp_pat
     assert torch.equal(a, b)
     losses, _ = m.step(batch, 0)
     assert set(losses) == {"student", "fake"} and all(math.isfinite(v.item()) for v in losses.values())
+
+
+def test_fake_lr_scale_reaches_the_loop_and_bad_values_are_refused():
+    setup = Setup(teacher=Oracle(product(torch.full((L, V), 1 / V, dtype=torch.float64)), False), student=nn.Identity(),
+                  schedule=get_schedule(), mask_id=None, batch=2, seq_len=L, device=torch.device("cpu"))
+    assert IDLM(IDLM.Config(fake_lr_scale=5.0), setup).lr_scale() == {"fake": 5.0}
+    with pytest.raises(FewstepError, match="fake_lr_scale"):
+        IDLM(IDLM.Config(fake_lr_scale=0.0), setup)

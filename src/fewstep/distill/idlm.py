@@ -35,10 +35,20 @@ affine in xbar); the x0-only terms cancel in L(f*) - L(f_hat). We use the estima
 its value equals l, and given the other positions' draws z^{-l} both its expectation and its gradient in pi^l are
 exact (the factor supplies the score-function term of z^l's own law, which sg(pi) in the draw would drop; without
 it the gradient is biased, tests/test_idlm.py). As in the paper's MDLM relaxation, the law of the context z^{-l}
-is stop-gradient: with correlated teachers the total gradient drops that term (measured on the toy: cos 0.98 to
-the exact KL gradient). This replaces the paper's Gaussian reparameterisation for Duo (pathwise, soft inputs to
+is stop-gradient: with correlated teachers the total gradient drops that term (on the toy: cos 0.91-0.98 to the
+exact KL gradient). This replaces the paper's Gaussian reparameterisation for Duo (pathwise, soft inputs to
 the teacher) by an exact-in-expectation relaxation of the discrete loss with hard inputs, so teacher and fake see
 ordinary token states. For one-hot pi it is exactly uniform.nelbo_terms.
+
+Exact gradient (`context_grad = true`, ours; masked and uniform). With d_l = l(f*)^l - l(f_hat)^l per position and
+D = sum_l d_l, the dropped term is the score of each position's draw times the OTHER positions' losses,
+
+    grad_ctx = E [ sum_m (D - d_m - b) grad log q(z^m | pi^m) ],   log q: log pi^m_{z^m} (masked, z^m a token),
+                                                                    log xbar_{z^m} (uniform),
+
+with b the mean of D over the other sequences of the batch (a baseline free of the sequence's own draws). On the
+correlated toy the estimator then matches grad KL(q_pi || p*) (cos > 0.999, tests/test_idlm.py), but at L = 128 it
+is a sequence-level score-function term and far noisier than the relaxation (docs/distillation.md measures both).
 """
 
 from __future__ import annotations
@@ -70,21 +80,43 @@ def soft_uniform_terms(xbar_theta: torch.Tensor, xbar: torch.Tensor, z_t: torch.
 
 def masked_loss(log_f: torch.Tensor, probs: torch.Tensor, z: torch.Tensor, t: torch.Tensor, schedule,
                 mask_id: int) -> torch.Tensor:
-    """Per-sequence w(t) sum_{masked l} <pi^l, -log f^l> (B,), linear in probs (B, L, V)."""
+    """Per-position w(t) <pi^l, -log f^l> on masked positions, 0 elsewhere (B, L), linear in probs (B, L, V)."""
     ce = -(probs * log_f).sum(-1)  # (B, L); probs of the mask column are exactly 0
-    return weight(schedule, t) * torch.where(z == mask_id, ce, torch.zeros_like(ce)).sum(-1)
+    return weight(schedule, t)[:, None] * torch.where(z == mask_id, ce, torch.zeros_like(ce))
 
 
 def uniform_loss(log_f: torch.Tensor, probs: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
                  schedule) -> torch.Tensor:
-    """Per-sequence relaxed uniform-state NELBO (B,) with the exact-gradient factor xbar_i / sg(xbar_i)."""
+    """Per-position relaxed uniform-state NELBO (B, L) with the exact-gradient factor xbar_i / sg(xbar_i)."""
     N = probs.shape[-1]
     a = schedule.alpha(t)[:, None, None]
     xbar = N * a * probs + (1 - a)  # (B, L, N)
     xbar_theta = N * a * log_f.exp() + (1 - a)
     xbar_i = xbar.gather(-1, z[..., None]).squeeze(-1)
     terms = soft_uniform_terms(xbar_theta, xbar, z, schedule.alpha(t), schedule.dalpha(t))
-    return (xbar_i / xbar_i.detach() * terms).sum(-1)
+    return xbar_i / xbar_i.detach() * terms
+
+
+def log_q_z(probs: torch.Tensor, z: torch.Tensor, t: torch.Tensor, schedule, mask_id: int | None) -> torch.Tensor:
+    """log q(z^l | pi^l) up to terms free of pi (B, L): the law of each position's draw in `IDLM.corrupt`.
+    Masked: log pi^l_{z^l} where z^l is a token, 0 where it is masked; uniform: log xbar_{z^l}, as
+    q(z^l = i | pi^l) = (N alpha_t pi^l_i + 1 - alpha_t) / N."""
+    p_z = probs.gather(-1, z[..., None]).squeeze(-1)  # (B, L); the mask column of probs is 0
+    if mask_id is not None:
+        return torch.where(z == mask_id, torch.zeros_like(p_z), p_z.clamp_min(1e-30).log())
+    a = schedule.alpha(t)[:, None]
+    return (probs.shape[-1] * a * p_z + (1 - a)).log()
+
+
+def context_score(d: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """The score-function term of the context's law (B,): sum_m sg(D - d_m - b) log q(z^m | pi^m), D = sum_l d_l.
+    Each position's own term d_m carries its own score already (uniform_loss's factor; masked: linear in pi);
+    this adds the dependence of the OTHER positions' losses on z^m, with a leave-one-sequence-out baseline b.
+    d, log_q: (B, L)."""
+    d = d.detach()
+    D = d.sum(-1, keepdim=True)  # (B, 1)
+    b = (D.sum() - D) / max(D.shape[0] - 1, 1)  # independent of the sequence's own draws
+    return ((D - d - b) * log_q).sum(-1)
 
 
 class IDLM:
@@ -95,18 +127,22 @@ class IDLM:
     class Config:
         student_steps: int = 4  # the student's sampling steps (eval; and the grid when t_grid)
         fake_steps: int = 1  # fake updates per student update (the paper's fake_frequency)
+        fake_lr_scale: float = 1.0  # the fake model's lr = this x train.lr (the paper: 1, same lr for both)
         steps: int = 1000  # optimiser steps when train.max_steps = 0
         t_min: float = 1e-3  # generator input time t_g ~ U[t_min, t_max]
         t_max: float = 1.0
         t_grid: bool = False  # draw t_g from the student's sampling grid {k / student_steps} instead
         states: str = "data"  # data: x_tg ~ q(x_t | x_data) | student: a state of the student's own rollout (ours)
         loss_eps: float = 1e-3  # t' ~ U[loss_eps, 1] for the diffusion losses
+        context_grad: bool = False  # add the score-function term of the noised context's law (exact gradient)
         time_cond: bool = False  # adaLN time conditioning for a masked student (uniform ones always have it)
 
     def __init__(self, config: Config, setup: Setup):
         self.cfg, self.s = config, setup
         if config.fake_steps < 1 or config.student_steps < 1 or config.steps < 1:
             raise FewstepError("method.fake_steps, student_steps and steps must be >= 1")
+        if not config.fake_lr_scale > 0:
+            raise FewstepError(f"method.fake_lr_scale must be > 0, got {config.fake_lr_scale}")
         if not 0.0 < config.t_min <= config.t_max <= 1.0:
             raise FewstepError(f"need 0 < method.t_min <= method.t_max <= 1, got {config.t_min}, {config.t_max}")
         if config.states not in ("data", "student"):
@@ -120,6 +156,9 @@ class IDLM:
 
     def planned_steps(self) -> int:
         return self.cfg.steps
+
+    def lr_scale(self) -> dict[str, float]:
+        return {"fake": self.cfg.fake_lr_scale}
 
     def generate(self, x_data: torch.Tensor) -> torch.Tensor:
         """Student 'x0' on the simplex (B, L, V): probs of G(x_tg, t_g) with x_tg ~ q(x_t | x_data)."""
@@ -169,20 +208,27 @@ class IDLM:
             return masked_loss(log_f, probs, z, t, self.s.schedule, self.s.mask_id)
         return uniform_loss(log_f, probs, z, t, self.s.schedule)
 
-    def student_loss(self, probs: torch.Tensor) -> torch.Tensor:
-        """L(f*, pi) - L(f_hat, pi) per token; gradient only through pi (both models' outputs are detached)."""
+    def student_loss(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(surrogate, L(f*, pi) - L(f_hat, pi)) per token; gradient only through pi (both models' outputs are
+        detached). The surrogate is the difference itself, plus `context_score` when method.context_grad."""
         t = sample_t(probs.shape[0], probs.device, eps=self.cfg.loss_eps)
         z = self.corrupt(probs, t)
         with torch.no_grad():
             log_t, log_f = self.teacher(z, t), self.fake(z, t)
-        return (self.loss(log_t, probs, z, t) - self.loss(log_f, probs, z, t)).mean() / probs.shape[1]
+        d = self.loss(log_t, probs, z, t) - self.loss(log_f, probs, z, t)  # (B, L)
+        value = d.sum(-1)  # (B,)
+        surrogate = value
+        if self.cfg.context_grad:
+            surrogate = value + context_score(d, log_q_z(probs, z, t, self.s.schedule, self.s.mask_id))
+        L = probs.shape[1]
+        return surrogate.mean() / L, value.mean().detach() / L
 
     def fake_loss(self, probs: torch.Tensor) -> torch.Tensor:
         """The teacher's diffusion loss of f_hat on the student's (detached) samples, per token."""
         probs = probs.detach()
         t = sample_t(probs.shape[0], probs.device, eps=self.cfg.loss_eps)
         z = self.corrupt(probs, t)
-        return self.loss(self.fake(z, t), probs, z, t).mean() / probs.shape[1]
+        return self.loss(self.fake(z, t), probs, z, t).sum(-1).mean() / probs.shape[1]
 
     def step(self, x0: torch.Tensor, step: int):
         train_student = step % self.cfg.fake_steps == self.cfg.fake_steps - 1
@@ -191,8 +237,7 @@ class IDLM:
         losses = {"fake": self.fake_loss(probs)}
         logs = {"fake_loss": losses["fake"].detach()}
         if train_student:
-            losses["student"] = self.student_loss(probs)
-            logs["idlm"] = losses["student"].detach()
+            losses["student"], logs["idlm"] = self.student_loss(probs)
         logs["student_entropy"] = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean().detach()
         return {k: losses[k] for k in ("student", "fake") if k in losses}, logs
 
