@@ -93,10 +93,16 @@ def test_uniform_gradient_matches_the_kl_gradient():
     q = product(pi)
     (exact,) = torch.autograd.grad((q * (q / p_star).log()).sum(), logits)
     m, _ = method_for(p_star, pi.detach(), False, 40000)
-    est = sum(torch.autograd.grad(m.student_loss(torch.softmax(logits, -1).expand(40000, L, V))[0] * L, logits)[0]
-              for _ in range(4)) / 4
+
+    def grad():
+        return sum(torch.autograd.grad(m.student_loss(torch.softmax(logits, -1).expand(40000, L, V))[0] * L,
+                                       logits)[0] for _ in range(4)) / 4
+
+    est = grad()
     assert torch.nn.functional.cosine_similarity(est.flatten(), exact.flatten(), 0) > 0.9995
     assert est.norm().item() == pytest.approx(exact.norm().item(), rel=0.02)
+    m.cfg.own_score = False  # the ablation: no factor, so the gradient misses its own draw's score
+    assert grad().norm().item() < 0.95 * exact.norm().item()
 
 
 def test_masked_gradient_matches_the_kl_gradient():

@@ -85,16 +85,17 @@ def masked_loss(log_f: torch.Tensor, probs: torch.Tensor, z: torch.Tensor, t: to
     return weight(schedule, t)[:, None] * torch.where(z == mask_id, ce, torch.zeros_like(ce))
 
 
-def uniform_loss(log_f: torch.Tensor, probs: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
-                 schedule) -> torch.Tensor:
-    """Per-position relaxed uniform-state NELBO (B, L) with the exact-gradient factor xbar_i / sg(xbar_i)."""
+def uniform_loss(log_f: torch.Tensor, probs: torch.Tensor, z: torch.Tensor, t: torch.Tensor, schedule,
+                 own_score: bool = True) -> torch.Tensor:
+    """Per-position relaxed uniform-state NELBO (B, L) with the exact-gradient factor xbar_i / sg(xbar_i)
+    (own_score=False drops it: the gradient then flows only through the relaxed xbar, and is biased)."""
     N = probs.shape[-1]
     a = schedule.alpha(t)[:, None, None]
     xbar = N * a * probs + (1 - a)  # (B, L, N)
     xbar_theta = N * a * log_f.exp() + (1 - a)
     xbar_i = xbar.gather(-1, z[..., None]).squeeze(-1)
     terms = soft_uniform_terms(xbar_theta, xbar, z, schedule.alpha(t), schedule.dalpha(t))
-    return xbar_i / xbar_i.detach() * terms
+    return xbar_i / xbar_i.detach() * terms if own_score else terms
 
 
 def log_q_z(probs: torch.Tensor, z: torch.Tensor, t: torch.Tensor, schedule, mask_id: int | None) -> torch.Tensor:
@@ -135,6 +136,7 @@ class IDLM:
         states: str = "data"  # data: x_tg ~ q(x_t | x_data) | student: a state of the student's own rollout (ours)
         loss_eps: float = 1e-3  # t' ~ U[loss_eps, 1] for the diffusion losses
         context_grad: bool = False  # add the score-function term of the noised context's law (exact gradient)
+        own_score: bool = True  # uniform: the xbar_i / sg(xbar_i) factor (false: an ablation; the student diverges)
         time_cond: bool = False  # adaLN time conditioning for a masked student (uniform ones always have it)
 
     def __init__(self, config: Config, setup: Setup):
@@ -206,7 +208,7 @@ class IDLM:
     def loss(self, log_f: torch.Tensor, probs: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.masked:
             return masked_loss(log_f, probs, z, t, self.s.schedule, self.s.mask_id)
-        return uniform_loss(log_f, probs, z, t, self.s.schedule)
+        return uniform_loss(log_f, probs, z, t, self.s.schedule, self.cfg.own_score)
 
     def student_loss(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(surrogate, L(f*, pi) - L(f_hat, pi)) per token; gradient only through pi (both models' outputs are
