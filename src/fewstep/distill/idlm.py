@@ -35,7 +35,7 @@ affine in xbar); the x0-only terms cancel in L(f*) - L(f_hat). We use the estima
 its value equals l, and given the other positions' draws z^{-l} both its expectation and its gradient in pi^l are
 exact (the factor supplies the score-function term of z^l's own law, which sg(pi) in the draw would drop; without
 it the gradient is biased, tests/test_idlm.py). As in the paper's MDLM relaxation, the law of the context z^{-l}
-is stop-gradient: with correlated teachers the total gradient drops that term (on the toy: cos 0.91-0.98 to the
+is stop-gradient: with correlated teachers the total gradient drops that term (on three toys: cos 0.91-0.996 to the
 exact KL gradient). This replaces the paper's Gaussian reparameterisation for Duo (pathwise, soft inputs to
 the teacher) by an exact-in-expectation relaxation of the discrete loss with hard inputs, so teacher and fake see
 ordinary token states. For one-hot pi it is exactly uniform.nelbo_terms.
