@@ -93,3 +93,12 @@ def test_experiment_bad_config_is_one_line(tmp_path):
     bad.write_text("[eval\nn = 4\n")
     one_line_error(run_cli("experiment", str(bad)), "cannot parse experiment config")
     assert not (tmp_path / "runs").exists()
+
+
+def test_distill_help_lists_every_registered_method(capsys):
+    from fewstep.distill import METHODS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert all(f" {name} " in out or f" {name})" in out for name in METHODS), out

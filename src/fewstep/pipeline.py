@@ -73,10 +73,10 @@ def generate(model, meta: dict, *, n: int, steps: int, length: int | None = None
 
     _check_sampling(n=n, steps=steps, length=length, batch=batch, seed=seed, temperature=temperature, top_p=top_p)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    spec = meta["model"]
-    length = length or spec["seq_len"]
+    length = length or meta["model"]["seq_len"]
     batch = min(batch or n, n)
     gen = torch.Generator(device=device).manual_seed(seed)
+    schedule = schedule_of(meta)  # diffusion kinds only; unused for AR
     out = []
     for start in range(0, n, batch):
         b = min(batch, n - start)
@@ -84,9 +84,9 @@ def generate(model, meta: dict, *, n: int, steps: int, length: int | None = None
             x = ar_sample(model, batch=b, length=length, bos_id=meta["data"]["eos_id"], generator=gen,
                           temperature=temperature, top_p=top_p, device=device, precision=precision)
         elif meta["kind"] in ("mdlm", "uniform"):
-            x = sample(model, schedule_of(meta), batch=b, length=length,
-                       steps=steps, mask_id=model.mask_id, greedy_tail=greedy_tail, temperature=temperature,
-                       top_p=top_p, generator=gen, device=device, precision=precision, guidance=guidance)
+            x = sample(model, schedule, batch=b, length=length, steps=steps, mask_id=model.mask_id,
+                       greedy_tail=greedy_tail, temperature=temperature, top_p=top_p, generator=gen, device=device,
+                       precision=precision, guidance=guidance)
         else:
             raise FewstepError(f"cannot sample a model of kind '{meta['kind']}'")
         out.append(x.cpu())
