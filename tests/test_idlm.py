@@ -14,7 +14,7 @@ from conftest import tiny_overrides
 from fewstep import checkpoint
 from fewstep.config import FewstepError, load
 from fewstep.diffusion.schedule import get_schedule
-from fewstep.diffusion.uniform import nelbo_terms
+from fewstep.diffusion.uniform import duo_latent, nelbo_terms
 from fewstep.distill.common import Setup
 from fewstep.distill.idlm import IDLM, soft_uniform_terms
 from fewstep.distill.run import distill, prepare
@@ -280,3 +280,63 @@ def test_fake_lr_scale_reaches_the_loop_and_bad_values_are_refused():
     assert IDLM(IDLM.Config(fake_lr_scale=5.0), setup).lr_scale() == {"fake": 5.0}
     with pytest.raises(FewstepError, match="fake_lr_scale"):
         IDLM(IDLM.Config(fake_lr_scale=0.0), setup)
+
+
+# --- the Gaussian reparameterisation (relax = "gaussian", uniform teachers) ----------------------------------------
+
+@pytest.mark.parametrize("N", [5, 64])
+def test_duo_latent_argmax_has_the_uniform_state_law(N):
+    """For one-hot x, argmax(alphatilde x + sigmatilde eps) with alphatilde = T^-1(alpha_t) keeps x w.p.
+    alpha_t + (1 - alpha_t) / N, and every other token equally often (q(z_t | x) of the uniform process)."""
+    torch.manual_seed(0)
+    n = 40_000
+    for a in (0.05, 0.5, 0.95):
+        x = torch.zeros(n, 1, N)
+        x[..., 0] = 1.0
+        z = duo_latent(x, torch.full((n,), a)).argmax(-1).flatten()
+        keep, p = (z == 0).double().mean().item(), a + (1 - a) / N
+        assert abs(keep - p) < 4 * math.sqrt(p * (1 - p) / n), (N, a, keep, p)
+        counts = torch.bincount(z[z != 0], minlength=N)[1:].double()
+        assert counts.max() / counts.mean() < 1.5 if N == 5 else counts.std() / counts.mean() < 0.3
+
+
+def test_gaussian_relax_soft_tokens_gradient_and_validation(teacher, tmp_path):
+    """relax = gaussian: at tau = 1e-3 the soft token is one-hot(z = argmax w) but at near-ties; a one-hot soft token
+    gives the teacher the same output as the hard z; the student gradient also flows through the models' soft inputs
+    (it changes when they are detached) and never into the fake or the teacher; a masked teacher, context_grad or a
+    bad relax are refused."""
+    if "mdlm" in str(teacher):
+        with pytest.raises(FewstepError, match="uniform-state teacher"):
+            prepare(idlm_cfg(teacher, tmp_path / "m", relax="gaussian"), "cpu")
+        return
+    with pytest.raises(FewstepError, match="method.relax"):
+        prepare(idlm_cfg(teacher, tmp_path / "bad", relax="gumbel"), "cpu")
+    with pytest.raises(FewstepError, match="context_grad"):
+        prepare(idlm_cfg(teacher, tmp_path / "ctx", relax="gaussian", context_grad=True), "cpu")
+    run = prepare(idlm_cfg(teacher, tmp_path / "gauss", relax="gaussian"), "cpu")
+    m = run["method"]
+    torch.manual_seed(0)
+    probs = m.generate(run["train"].batch(0, 4))  # (B, L, N)
+    t = torch.rand(probs.shape[0]) * 0.9 + 0.05
+    z, y = m.corrupt(probs, t)
+    assert y.shape == probs.shape and torch.equal(y.argmax(-1), z)
+    assert (y.amax(-1) < 0.999).float().mean() < 0.05  # tau = 1e-3: one-hot(z) except at near-ties of w
+    with torch.no_grad():
+        one_hot = nn.functional.one_hot(z, probs.shape[-1]).float()
+        assert torch.allclose(m.denoise(m.teacher, one_hot, t), m.teacher(z, t), atol=1e-5)
+        for p in m.fake.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m.cfg.tau = 1.0  # soft enough for a visible pathwise term
+    leaf = probs.detach().requires_grad_(True)
+    torch.manual_seed(1)
+    full = torch.autograd.grad(m.student_loss(leaf)[0], leaf)[0]
+    m.denoise, denoise = (lambda model, x, t, frozen=False: IDLM.denoise(model, x.detach(), t, frozen)), m.denoise
+    torch.manual_seed(1)
+    through_xbar = torch.autograd.grad(m.student_loss(leaf)[0], leaf)[0]
+    m.denoise = denoise
+    assert full.isfinite().all() and (full - through_xbar).norm() > 1e-5 * full.norm()  # 0 if no pathwise term
+    losses, _ = m.step(run["train"].batch(0, 4), 0)
+    for p in list(m.fake.parameters()) + list(run["teacher"].parameters()):
+        assert p.grad is None
+    assert torch.autograd.grad(losses["student"], list(m.fake.parameters()), allow_unused=True) == \
+        tuple(None for _ in m.fake.parameters())

@@ -19,6 +19,9 @@ negligible prior term at alpha_1 = eps) when they are exact; the tests check thi
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn as nn
 
@@ -83,3 +86,37 @@ def posterior_probs(x_theta: torch.Tensor, z_t: torch.Tensor, alpha_s: float, al
     like = torch.full_like(x_theta, (1 - a_ts) / N).scatter_add_(
         -1, z_t[..., None], torch.full_like(x_theta[..., :1], a_ts))  # q(z_t | z_s = v)
     return like * (alpha_s * x_theta + (1 - alpha_s) / N)
+
+
+# --- Duo's Gaussian latent (Sahoo et al. 2025, Sec. 3) -----------------------------------------------------------
+# w_t = alphatilde_t x + sigmatilde_t eps (sigmatilde = sqrt(1 - alphatilde^2), eps ~ N(0, I_N)) and z_t = argmax w_t:
+# for one-hot x, z_t follows q(z_t | x) above with alpha_t = T(alphatilde_t), the diffusion transformation operator
+#     T(at) = (N P(at) - 1) / (N - 1),   P(at) = P(argmax w = x) = int phi(u) Phi(u + at / st)^(N-1) du.
+
+
+@functools.lru_cache(maxsize=8)
+def _duo_table(vocab: int, points: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, r = alphatilde / sigmatilde) on a grid of r in [0, 16], float64, alpha increasing in r."""
+    r = torch.linspace(0.0, 16.0, points, dtype=torch.float64)[:, None]  # (R, 1)
+    u = torch.linspace(-10.0, 10.0, 4001, dtype=torch.float64)[None]  # (1, U) quadrature nodes
+    phi = torch.exp(-0.5 * u**2) / math.sqrt(2 * math.pi)
+    P = torch.trapezoid(phi * torch.exp((vocab - 1) * torch.special.log_ndtr(u + r)), u, dim=-1)  # (R,)
+    alpha = ((vocab * P - 1) / (vocab - 1)).clamp(0.0, 1.0)
+    return torch.cummax(alpha, 0).values, r.squeeze(-1)
+
+
+def duo_alpha_tilde(alpha_t: torch.Tensor, vocab: int) -> torch.Tensor:
+    """alphatilde_t = T^{-1}(alpha_t) (same shape as alpha_t), by linear interpolation of the tabulated operator."""
+    a_tab, r_tab = _duo_table(vocab)
+    a = alpha_t.detach().double().cpu().clamp(0.0, float(a_tab[-1]))
+    i = torch.searchsorted(a_tab, a).clamp(1, len(a_tab) - 1)
+    lo, hi = a_tab[i - 1], a_tab[i]
+    r = r_tab[i - 1] + (r_tab[i] - r_tab[i - 1]) * ((a - lo) / (hi - lo).clamp_min(1e-300)).clamp(0.0, 1.0)
+    return (r / (1 + r**2).sqrt()).to(alpha_t.device, alpha_t.dtype)
+
+
+def duo_latent(x: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:
+    """w_t = alphatilde_t x + sigmatilde_t eps for x (B, L, N) on the simplex (one-hot: argmax w_t ~ q(z_t | x)),
+    alpha_t: (B,) -> (B, L, N); differentiable in x (the pathwise reparameterisation)."""
+    at = duo_alpha_tilde(alpha_t, x.shape[-1])[:, None, None].to(x.dtype)
+    return at * x + (1 - at**2).sqrt() * torch.randn_like(x)

@@ -36,9 +36,14 @@ its value equals l, and given the other positions' draws z^{-l} both its expecta
 exact (the factor supplies the score-function term of z^l's own law, which sg(pi) in the draw would drop; without
 it the gradient is biased, tests/test_idlm.py). As in the paper's MDLM relaxation, the law of the context z^{-l}
 is stop-gradient: with correlated teachers the total gradient drops that term (on three toys: cos 0.91-0.996 to the
-exact KL gradient). This replaces the paper's Gaussian reparameterisation for Duo (pathwise, soft inputs to
-the teacher) by an exact-in-expectation relaxation of the discrete loss with hard inputs, so teacher and fake see
-ordinary token states. For one-hot pi it is exactly uniform.nelbo_terms.
+exact KL gradient). Teacher and fake see ordinary token states; for one-hot pi it is exactly uniform.nelbo_terms.
+
+Gaussian reparameterisation (`relax = "gaussian"`, uniform teachers; the paper's Duo variant). Duo's latent
+w = alphatilde_t pi + sigmatilde_t eps (uniform.duo_latent, alpha_t = T(alphatilde_t)) gives z = argmax w, and teacher
+and fake read the soft token softmax(w / tau) (its embedding, sum_v y_v E_v), so the gradient flows pathwise through
+their inputs as well as through the relaxed xbar in l(xbar, z) (no xbar_i / sg(xbar_i) factor: z's law is now the
+latent's). For one-hot pi, z has exactly the uniform-state law; as tau -> 0 the soft token is one-hot(z) (tau = 1e-3
+in the paper's scripts), and the pathwise term vanishes away from near-ties of w.
 
 Exact gradient (`context_grad = true`, ours; masked and uniform). With d_l = l(f*)^l - l(f_hat)^l per position and
 D = sum_l d_l, the dropped term is the score of each position's draw times the OTHER positions' losses,
@@ -137,6 +142,8 @@ class IDLM:
         loss_eps: float = 1e-3  # t' ~ U[loss_eps, 1] for the diffusion losses
         context_grad: bool = False  # add the score-function term of the noised context's law (exact gradient)
         own_score: bool = True  # uniform: the xbar_i / sg(xbar_i) factor (false: an ablation; the student diverges)
+        relax: str = "hard"  # uniform: hard (hard z, exact in expectation) | gaussian (Duo latent, soft inputs)
+        tau: float = 1e-3  # relax = gaussian: temperature of the soft token softmax(w / tau) (paper: 1e-3)
         time_cond: bool = False  # adaLN time conditioning for a masked student (uniform ones always have it)
 
     def __init__(self, config: Config, setup: Setup):
@@ -151,6 +158,12 @@ class IDLM:
             raise FewstepError(f"method.states must be 'data' or 'student', got {config.states!r}")
         self.student, self.teacher = setup.student, setup.teacher
         self.masked = setup.mask_id is not None
+        if config.relax not in ("hard", "gaussian"):
+            raise FewstepError(f"method.relax must be 'hard' or 'gaussian', got {config.relax!r}")
+        self.gaussian = config.relax == "gaussian"
+        if self.gaussian and (self.masked or config.context_grad or not config.tau > 0):
+            raise FewstepError("method.relax = 'gaussian' needs a uniform-state teacher, method.tau > 0 and "
+                               "method.context_grad = false")
         self.fake = copy.deepcopy(setup.teacher).requires_grad_(True).train()  # f_hat starts as f*
 
     def trainable(self):
@@ -196,27 +209,44 @@ class IDLM:
     def vocab(self) -> int:
         return self.teacher.backbone.vocab_size
 
-    def corrupt(self, probs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """z ~ q(z | x0) with x0 drawn hard from sg(probs) (B, L); the mask draw never depends on x0."""
+    def corrupt(self, probs: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z (B, L), the models' input): z ~ q(z | x0) with x0 drawn hard from sg(probs), the input z itself (the
+        mask draw never depends on x0); relax = gaussian: z = argmax w for Duo's latent w of probs, the input the
+        soft token softmax(w / tau) (B, L, N), differentiable in probs."""
         from fewstep.diffusion.mdlm import q_xt
-        from fewstep.diffusion.uniform import q_zt
+        from fewstep.diffusion.uniform import duo_latent, q_zt
 
-        x0 = sample_categorical(probs.detach())
         alpha = self.s.schedule.alpha(t)
-        return q_xt(x0, alpha, self.s.mask_id) if self.masked else q_zt(x0, alpha, self.vocab)
+        if self.gaussian:
+            w = duo_latent(probs, alpha)  # (B, L, N)
+            return w.argmax(-1), torch.softmax(w / self.cfg.tau, -1)
+        x0 = sample_categorical(probs.detach())
+        z = q_xt(x0, alpha, self.s.mask_id) if self.masked else q_zt(x0, alpha, self.vocab)
+        return z, z
+
+    @staticmethod
+    def denoise(model, x_in: torch.Tensor, t: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """model(x_in, t) for token ids (B, L); a soft token (B, L, N) enters as its embedding y @ E (B, L, D).
+        frozen: with the model's parameters detached, so a gradient reaches its input only."""
+        params = dict(model.named_parameters())
+        if frozen:
+            params = {n: p.detach() for n, p in params.items()}
+        x = x_in if x_in.dim() == 2 else x_in @ params["backbone.embed.weight"]
+        return torch.func.functional_call(model, params, (x, t)) if frozen else model(x, t)
 
     def loss(self, log_f: torch.Tensor, probs: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.masked:
             return masked_loss(log_f, probs, z, t, self.s.schedule, self.s.mask_id)
-        return uniform_loss(log_f, probs, z, t, self.s.schedule, self.cfg.own_score)
+        return uniform_loss(log_f, probs, z, t, self.s.schedule, self.cfg.own_score and not self.gaussian)
 
     def student_loss(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(surrogate, L(f*, pi) - L(f_hat, pi)) per token; gradient only through pi (both models' outputs are
-        detached). The surrogate is the difference itself, plus `context_score` when method.context_grad."""
+        detached, except through their soft inputs when relax = gaussian; the loop steps only the student). The
+        surrogate is the difference itself, plus `context_score` when method.context_grad."""
         t = sample_t(probs.shape[0], probs.device, eps=self.cfg.loss_eps)
-        z = self.corrupt(probs, t)
-        with torch.no_grad():
-            log_t, log_f = self.teacher(z, t), self.fake(z, t)
+        z, x_in = self.corrupt(probs, t)
+        with torch.set_grad_enabled(self.gaussian and torch.is_grad_enabled()):
+            log_t, log_f = (self.denoise(m, x_in, t, frozen=True) for m in (self.teacher, self.fake))
         d = self.loss(log_t, probs, z, t) - self.loss(log_f, probs, z, t)  # (B, L)
         value = d.sum(-1)  # (B,)
         surrogate = value
@@ -229,8 +259,8 @@ class IDLM:
         """The teacher's diffusion loss of f_hat on the student's (detached) samples, per token."""
         probs = probs.detach()
         t = sample_t(probs.shape[0], probs.device, eps=self.cfg.loss_eps)
-        z = self.corrupt(probs, t)
-        return self.loss(self.fake(z, t), probs, z, t).sum(-1).mean() / probs.shape[1]
+        z, x_in = self.corrupt(probs, t)
+        return self.loss(self.denoise(self.fake, x_in, t), probs, z, t).sum(-1).mean() / probs.shape[1]
 
     def step(self, x0: torch.Tensor, step: int):
         train_student = step % self.cfg.fake_steps == self.cfg.fake_steps - 1
