@@ -340,3 +340,21 @@ def test_gaussian_relax_soft_tokens_gradient_and_validation(teacher, tmp_path):
         assert p.grad is None
     assert torch.autograd.grad(losses["student"], list(m.fake.parameters()), allow_unused=True) == \
         tuple(None for _ in m.fake.parameters())
+
+
+def test_data_weight_adds_the_students_data_nelbo(teacher, tmp_path):
+    """method.data_weight = lambda: the student loss is the IDLM surrogate + lambda x the student's NELBO per token on
+    the data batch (same draws: the difference is exactly lambda x the logged data_nelbo); negative is refused."""
+    with pytest.raises(FewstepError, match="data_weight"):
+        prepare(idlm_cfg(teacher, tmp_path / "neg", data_weight=-1.0), "cpu")
+    m = prepare(idlm_cfg(teacher, tmp_path / "dw", data_weight=0.5), "cpu")["method"]
+    x0 = prepare(idlm_cfg(teacher, tmp_path / "d0"), "cpu")["train"].batch(0, 4)
+    torch.manual_seed(0)
+    with_anchor, logs = m.step(x0, 0)
+    m.cfg.data_weight = 0.0
+    torch.manual_seed(0)
+    without, logs0 = m.step(x0, 0)
+    assert "data_nelbo" not in logs0 and logs["data_nelbo"] > 0
+    diff = (with_anchor["student"] - without["student"]).item()
+    assert diff == pytest.approx(0.5 * logs["data_nelbo"].item(), rel=1e-5)
+    assert with_anchor["fake"].item() == pytest.approx(without["fake"].item(), rel=1e-6)

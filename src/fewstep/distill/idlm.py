@@ -54,6 +54,9 @@ D = sum_l d_l, the dropped term is the score of each position's draw times the O
 with b the mean of D over the other sequences of the batch (a baseline free of the sequence's own draws). On the
 correlated toy the estimator then matches grad KL(q_pi || p*) (cos > 0.999, tests/test_idlm.py), but at L = 128 it
 is a sequence-level score-function term and far noisier than the relaxation (docs/distillation.md measures both).
+
+Data anchor (`data_weight = lambda`, ours): the student loss adds lambda x the student's own diffusion NELBO on the
+data batch (per token), which keeps the student a denoiser of the training text while IDLM sharpens it.
 """
 
 from __future__ import annotations
@@ -144,12 +147,15 @@ class IDLM:
         own_score: bool = True  # uniform: the xbar_i / sg(xbar_i) factor (false: an ablation; the student diverges)
         relax: str = "hard"  # uniform: hard (hard z, exact in expectation) | gaussian (Duo latent, soft inputs)
         tau: float = 1e-3  # relax = gaussian: temperature of the soft token softmax(w / tau) (paper: 1e-3)
+        data_weight: float = 0.0  # + this x the student's own diffusion NELBO on the data batch (ours; an anchor)
         time_cond: bool = False  # adaLN time conditioning for a masked student (uniform ones always have it)
 
     def __init__(self, config: Config, setup: Setup):
         self.cfg, self.s = config, setup
         if config.fake_steps < 1 or config.student_steps < 1 or config.steps < 1:
             raise FewstepError("method.fake_steps, student_steps and steps must be >= 1")
+        if not config.data_weight >= 0:
+            raise FewstepError(f"method.data_weight must be >= 0, got {config.data_weight}")
         if not config.fake_lr_scale > 0:
             raise FewstepError(f"method.fake_lr_scale must be > 0, got {config.fake_lr_scale}")
         if not 0.0 < config.t_min <= config.t_max <= 1.0:
@@ -270,18 +276,24 @@ class IDLM:
         logs = {"fake_loss": losses["fake"].detach()}
         if train_student:
             losses["student"], logs["idlm"] = self.student_loss(probs)
+            if self.cfg.data_weight > 0:
+                t = sample_t(x0.shape[0], x0.device, antithetic=True, eps=self.cfg.loss_eps)
+                nll = self.data_nelbo(x0, t).mean() / x0.shape[1]  # nats per token
+                losses["student"] = losses["student"] + self.cfg.data_weight * nll
+                logs["data_nelbo"] = nll.detach()
         logs["student_entropy"] = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean().detach()
         return {k: losses[k] for k in ("student", "fake") if k in losses}, logs
+
+    def data_nelbo(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None):
+        """The student's NELBO (the teacher's objective) on text x0 (B, L) at times t (B,) -> (B,) nats."""
+        from fewstep.diffusion import mdlm, uniform
+
+        if self.masked:
+            return mdlm.nelbo(self.student, self.s.schedule, x0, t, self.s.mask_id, generator)
+        return uniform.nelbo(self.student, self.s.schedule, x0, t, generator)
 
     @torch.no_grad()
     def validate(self, x0: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
         """The student's NELBO (teacher's objective) on held-out text."""
-        from fewstep.diffusion import mdlm, uniform
-
-        if self.masked:
-            t = sample_t(x0.shape[0], x0.device, antithetic=True, generator=generator)
-            nats = mdlm.nelbo(self.student, self.s.schedule, x0, t, self.s.mask_id, generator)
-        else:
-            t = sample_t(x0.shape[0], x0.device, antithetic=True, eps=1e-3, generator=generator)
-            nats = uniform.nelbo(self.student, self.s.schedule, x0, t, generator)
-        return {"nats": nats.sum().item(), "tokens": x0.numel()}
+        t = sample_t(x0.shape[0], x0.device, antithetic=True, eps=1e-5 if self.masked else 1e-3, generator=generator)
+        return {"nats": self.data_nelbo(x0, t, generator).sum().item(), "tokens": x0.numel()}
