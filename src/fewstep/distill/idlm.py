@@ -43,7 +43,8 @@ w = alphatilde_t pi + sigmatilde_t eps (uniform.duo_latent, alpha_t = T(alphatil
 and fake read the soft token softmax(w / tau) (its embedding, sum_v y_v E_v), so the gradient flows pathwise through
 their inputs as well as through the relaxed xbar in l(xbar, z) (no xbar_i / sg(xbar_i) factor: z's law is now the
 latent's). For one-hot pi, z has exactly the uniform-state law; as tau -> 0 the soft token is one-hot(z) (tau = 1e-3
-in the paper's scripts), and the pathwise term vanishes away from near-ties of w.
+in the paper's scripts), and the pathwise term vanishes away from near-ties of w. For a soft pi the latent's law of z
+is not the noised pi that l(xbar, z) assumes (docs/distillation.md measures the gap and the student diverging).
 
 Exact gradient (`context_grad = true`, ours; masked and uniform). With d_l = l(f*)^l - l(f_hat)^l per position and
 D = sum_l d_l, the dropped term is the score of each position's draw times the OTHER positions' losses,
