@@ -95,24 +95,25 @@ def posterior_probs(x_theta: torch.Tensor, z_t: torch.Tensor, alpha_s: float, al
 
 
 @functools.lru_cache(maxsize=8)
-def _duo_table(vocab: int, points: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alpha_t, r = alphatilde / sigmatilde) on a grid of r in [0, 16], float64, alpha increasing in r."""
-    r = torch.linspace(0.0, 16.0, points, dtype=torch.float64)[:, None]  # (R, 1)
+def _duo_table(vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, r = alphatilde / sigmatilde) on a grid of r in [0, 16] (alpha reaches 1 on it), float64, alpha
+    increasing in r; computed once per vocabulary and kept on `device`, so lookups need no host sync."""
+    r = torch.linspace(0.0, 16.0, 2048, dtype=torch.float64)[:, None]  # (R, 1)
     u = torch.linspace(-10.0, 10.0, 4001, dtype=torch.float64)[None]  # (1, U) quadrature nodes
     phi = torch.exp(-0.5 * u**2) / math.sqrt(2 * math.pi)
     P = torch.trapezoid(phi * torch.exp((vocab - 1) * torch.special.log_ndtr(u + r)), u, dim=-1)  # (R,)
     alpha = ((vocab * P - 1) / (vocab - 1)).clamp(0.0, 1.0)
-    return torch.cummax(alpha, 0).values, r.squeeze(-1)
+    return torch.cummax(alpha, 0).values.to(device), r.squeeze(-1).to(device)
 
 
 def duo_alpha_tilde(alpha_t: torch.Tensor, vocab: int) -> torch.Tensor:
     """alphatilde_t = T^{-1}(alpha_t) (same shape as alpha_t), by linear interpolation of the tabulated operator."""
-    a_tab, r_tab = _duo_table(vocab)
-    a = alpha_t.detach().double().cpu().clamp(0.0, float(a_tab[-1]))
+    a_tab, r_tab = _duo_table(vocab, alpha_t.device)
+    a = alpha_t.detach().double().clamp(0.0, 1.0)
     i = torch.searchsorted(a_tab, a).clamp(1, len(a_tab) - 1)
     lo, hi = a_tab[i - 1], a_tab[i]
     r = r_tab[i - 1] + (r_tab[i] - r_tab[i - 1]) * ((a - lo) / (hi - lo).clamp_min(1e-300)).clamp(0.0, 1.0)
-    return (r / (1 + r**2).sqrt()).to(alpha_t.device, alpha_t.dtype)
+    return (r / (1 + r**2).sqrt()).to(alpha_t.dtype)
 
 
 def duo_latent(x: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:

@@ -234,12 +234,13 @@ class IDLM:
     @staticmethod
     def denoise(model, x_in: torch.Tensor, t: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """model(x_in, t) for token ids (B, L); a soft token (B, L, N) enters as its embedding y @ E (B, L, D).
-        frozen: with the model's parameters detached, so a gradient reaches its input only."""
-        params = dict(model.named_parameters())
-        if frozen:
-            params = {n: p.detach() for n, p in params.items()}
-        x = x_in if x_in.dim() == 2 else x_in @ params["backbone.embed.weight"]
-        return torch.func.functional_call(model, params, (x, t)) if frozen else model(x, t)
+        frozen: with the model's parameters detached (when grad is on), so a gradient reaches its input only."""
+        params = None
+        if frozen and torch.is_grad_enabled():
+            params = {n: p.detach() for n, p in model.named_parameters()}
+        if x_in.dim() == 3:
+            x_in = x_in @ (model.backbone.embed.weight if params is None else params["backbone.embed.weight"])
+        return model(x_in, t) if params is None else torch.func.functional_call(model, params, (x_in, t))
 
     def loss(self, log_f: torch.Tensor, probs: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.masked:
