@@ -1,4 +1,4 @@
-"""Fuzzing (issue 10) with hypothesis: the config parser, the CLI, corpora and checkpoints.
+"""Fuzzing with hypothesis: the config parser, the CLI, corpora and checkpoints.
 
 Contract: every input ends in success or in one clear line (FewstepError / `error: ...`), never in another
 exception, a traceback or a hang. Runs are derandomized (the same cases every time) and sized to finish in well

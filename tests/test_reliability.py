@@ -1,4 +1,4 @@
-"""Reliability (issue 10): SIGKILL at random points and exact resume, loading that never unpickles, the NaN guard
+"""Reliability: SIGKILL at random points and exact resume, loading that never unpickles, the NaN guard
 on weights, determinism, and one-line errors for failures of the machine (disk full, bad paths)."""
 
 from __future__ import annotations

@@ -99,10 +99,11 @@ def test_other_run_in_out_dir_is_refused(pydoc_data, tmp_path):
 def _torchrun(data, out, port: int, **overrides) -> None:
     """`fewstep train` on 2 CPU processes (gloo) under torchrun."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "fewstep", "train", "--config", "tiny_mdlm", *tiny_overrides(data, out, **overrides)]
+           "--tee", "2", "-m", "fewstep", "train", "--config", "tiny_mdlm", *tiny_overrides(data, out, **overrides)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
+    ranks = [ln for ln in res.stderr.splitlines() if ln.startswith("[default")]  # what each rank said, last
+    assert res.returncode == 0, "\n".join(ranks[-20:]) + "\n" + res.stderr[-1500:]
 
 
 def test_torchrun_two_processes_gloo(pydoc_data, tmp_path):

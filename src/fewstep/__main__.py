@@ -1,3 +1,3 @@
-from fewstep.cli import main
+from fewstep.cli import run
 
-raise SystemExit(main())
+run()

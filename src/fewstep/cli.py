@@ -290,3 +290,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 1
     return 0
+
+
+def run() -> None:
+    """The console entry: `main`, then exit with its code.
+
+    A process that joined a process group (torchrun) leaves through `os._exit` once its output is flushed. Its
+    gloo worker threads can still be freeing the tensors of the last collective when the interpreter finalizes,
+    and a thread that needs the GIL then aborts the whole process (SIGABRT after a run that had finished and
+    saved). Everything a run writes is closed by then: checkpoints, logs, TensorBoard."""
+    code = main()
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)

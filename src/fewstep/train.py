@@ -187,6 +187,10 @@ class _Logger:
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, row["step"])
 
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
 
 def evaluate(task, val_data, batch_size: int, max_batches: int, device) -> dict[str, float]:
     """Validation NLL per token (a NELBO bound for DLMs, exact for AR) with a fixed noise seed."""
@@ -371,5 +375,7 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
         if done % tc.ckpt_every == 0 or done == total:
             save(done)
             t0 = time.perf_counter()
+    if logger is not None:
+        logger.close()
     summary["out_dir"] = str(out_dir)
     return summary
