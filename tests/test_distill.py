@@ -1,8 +1,13 @@
 """Distillation: every registered method trains on a tiny teacher without touching it, students are ordinary
-checkpoints, BOOT is data-free, SDTT's rounds swap and halve, divergences match closed forms."""
+checkpoints, BOOT is data-free, SDTT's rounds swap and halve, divergences match closed forms, and every method
+keeps its ranks in step under torchrun."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,10 +52,12 @@ def ar_ckpt(pydoc_data, tmp_path_factory):
     return out
 
 
+TRAIN = ["--train.batch_size=4", "--train.warmup_steps=1", "--train.log_every=1", "--train.ckpt_every=3",
+         "--train.eval_every=3", "--train.eval_batches=1", "--train.ema=0.9", "--train.lr=1e-3"]
+
+
 def distill_cfg(teacher, out, name, **method):
-    cfg = load(None, [f"--train.out_dir={out}", "--train.batch_size=4", "--train.warmup_steps=1",
-                      "--train.log_every=1", "--train.ckpt_every=3", "--train.eval_every=3", "--train.eval_batches=1",
-                      "--train.ema=0.9", "--train.lr=1e-3"])
+    cfg = load(None, [f"--train.out_dir={out}", *TRAIN])
     cfg.method = {"name": name, "teacher": str(teacher), **SMALL.get(name, {}), **method}
     return cfg
 
@@ -120,6 +127,27 @@ def test_cli_distill_then_sample(teacher, tmp_path):
     assert main(["sample", "--ckpt", str(tmp_path / "run"), "--n", "2", "--steps", "2",
                  "--out", str(tmp_path / "s.jsonl")]) == 0
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_under_torchrun_keeps_ranks_in_step(teacher, ar_ckpt, tmp_path, name):
+    """2 gloo processes (DDP): each rank takes half the global batch and draws its own noise, and the averaged
+    gradients keep every trainable module (student, fake model, discriminator) bit-identical on both ranks."""
+    out, spec = tmp_path / "run", tmp_path / "spec.json"
+    method = {"name": name, "teacher": str(teacher_for(name, teacher, ar_ckpt)), **SMALL[name]}
+    spec.write_text(json.dumps({"overrides": [f"--train.out_dir={out}", *TRAIN], "method": method,
+                                "out": str(tmp_path / "ranks.json")}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--tee", "2",
+           str(Path(__file__).with_name("torchrun_distill.py")), str(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    ranks = [ln for ln in res.stderr.splitlines() if ln.startswith("[default")]
+    assert res.returncode == 0, "\n".join(ranks[-20:]) + "\n" + res.stderr[-1500:]
+    report = json.loads((tmp_path / "ranks.json").read_text())
+    assert report["world"] == 2 and report["modules"], report
+    for module, r in report["modules"].items():
+        assert r["same_on_every_rank"] and r["finite"], (module, r)
+    assert checkpoint.latest(out).name == f"step_{report['steps']:07d}"
 
 
 def test_boot_never_touches_the_data(teacher, tmp_path, monkeypatch):

@@ -96,10 +96,10 @@ def test_other_run_in_out_dir_is_refused(pydoc_data, tmp_path):
         pretrain(other)
 
 
-def _torchrun(data, out, port: int, **overrides) -> None:
-    """`fewstep train` on 2 CPU processes (gloo) under torchrun."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "--tee", "2", "-m", "fewstep", "train", "--config", "tiny_mdlm", *tiny_overrides(data, out, **overrides)]
+def _torchrun(data, out, **overrides) -> None:
+    """`fewstep train` on 2 CPU processes (gloo) under torchrun (`--standalone`: a free port of its own)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--tee", "2",
+           "-m", "fewstep", "train", "--config", "tiny_mdlm", *tiny_overrides(data, out, **overrides)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     ranks = [ln for ln in res.stderr.splitlines() if ln.startswith("[default")]  # what each rank said, last
@@ -108,7 +108,7 @@ def _torchrun(data, out, port: int, **overrides) -> None:
 
 def test_torchrun_two_processes_gloo(pydoc_data, tmp_path):
     out = tmp_path / "ddp"
-    _torchrun(pydoc_data, out, 29533, **{"train.max_steps": 4, "train.ckpt_every": 4})
+    _torchrun(pydoc_data, out, **{"train.max_steps": 4, "train.ckpt_every": 4})
     assert checkpoint.latest(out).name == "step_0000004"
     assert len(_losses(out)) == 4
 
@@ -121,10 +121,10 @@ def test_torchrun_fsdp_matches_ddp_resumes_and_loads_with_one_process(pydoc_data
     adds (FSDP reduce-scatter vs bucketed all-reduce), about 1e-7 relative, which three AdamW steps keep far
     below the 1e-5 relative tolerance (measured: bit-identical losses, gradient norms and weights within 1e-7)."""
     run = {"train.max_steps": 4, "train.grad_accum": 2, "train.ckpt_every": 4}
-    _torchrun(pydoc_data, tmp_path / "ddp", 29535, **run)
-    _torchrun(pydoc_data, tmp_path / "fsdp", 29536, **{**run, "train.max_steps": 2, "train.parallel": "fsdp"})
+    _torchrun(pydoc_data, tmp_path / "ddp", **run)
+    _torchrun(pydoc_data, tmp_path / "fsdp", **{**run, "train.max_steps": 2, "train.parallel": "fsdp"})
     assert checkpoint.latest(tmp_path / "fsdp").name == "step_0000002"  # written from the gathered shards
-    _torchrun(pydoc_data, tmp_path / "fsdp", 29537, **{**run, "train.parallel": "fsdp"})  # resumes the shards
+    _torchrun(pydoc_data, tmp_path / "fsdp", **{**run, "train.parallel": "fsdp"})  # resumes the shards
     ddp, fsdp = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
     assert sorted(fsdp) == [1, 2, 3, 4] and all(math.isfinite(v) for v in fsdp.values())
     for step in ddp:

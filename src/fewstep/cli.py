@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from typing import NoReturn
 
 from fewstep.config import FewstepError
 
@@ -293,13 +294,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The console entry: `main`, then exit with its code.
+    """The console entry (`fewstep`, `python -m fewstep`): `main`, then `leave` with its exit code."""
+    leave(main())
+
+
+def leave(code: int) -> NoReturn:
+    """Exit the process with `code`.
 
     A process that joined a process group (torchrun) leaves through `os._exit` once its output is flushed. Its
     gloo worker threads can still be freeing the tensors of the last collective when the interpreter finalizes,
     and a thread that needs the GIL then aborts the whole process (SIGABRT after a run that had finished and
     saved). Everything a run writes is closed by then: checkpoints, logs, TensorBoard."""
-    code = main()
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
