@@ -1,9 +1,13 @@
-"""`fewstep experiment`: a reduced tiny experiment end to end, resume by stage files, config errors in one line."""
+"""`fewstep experiment`: a reduced tiny experiment end to end (one process and torchrun), resume by stage files,
+config errors in one line."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -117,6 +121,29 @@ def test_end_to_end_report(experiment):
     assert f"{t1['entropy']:.3f}" in short.split("| teacher | ")[1].split("\n")[0]  # the pivot shows the rows
     assert "## Validation" in md and "## Speed-up at matched gen PPL" in md and "| sdtt |" in md
     assert cross["verdict"] in short and "crossover" in short
+
+
+def test_experiment_under_torchrun(experiment, pydoc_data, tmp_path):
+    """`torchrun -m fewstep experiment` on 2 gloo processes: every rank trains and distills, rank 0 measures and
+    writes the report. Same stages, grid and rows as the one-process run (values differ: each rank draws its own
+    noise)."""
+    path = tmp_path / "ci.toml"
+    path.write_text(REDUCED.format(runs=tmp_path / "runs", results=tmp_path / "results", data=pydoc_data,
+                                   index=tmp_path / "RESULTS.md"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--tee", "2",
+           "-m", "fewstep", "experiment", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    ranks = [ln for ln in res.stderr.splitlines() if ln.startswith("[default")]
+    assert res.returncode == 0, "\n".join(ranks[-20:]) + "\n" + res.stderr[-1500:]
+    (out,) = [json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith('{"dir"')]  # rank 0 only
+    one_process = experiment[2]
+    assert out["stages_run"] == one_process["stages_run"] and out["files"] == one_process["files"]
+    for name in ("train.jsonl", "samples.jsonl"):
+        keys = [(r.get("kind"), r.get("epochs"), r.get("name"), r.get("steps"), r.get("train_steps"))
+                for r in _rows(tmp_path / "results" / name)]
+        assert keys == [(r.get("kind"), r.get("epochs"), r.get("name"), r.get("steps"), r.get("train_steps"))
+                        for r in _rows(experiment[1] / name)], name
 
 
 def test_rerun_skips_finished_stages(experiment, monkeypatch):

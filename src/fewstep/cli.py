@@ -35,16 +35,23 @@ def cmd_data(args) -> None:
 def cmd_train(args) -> None:
     from fewstep.pipeline import pretrain
 
-    summary = pretrain(_cfg(args))
-    if summary.get("start_step", 0) >= summary.get("steps", 0):
-        print(f"nothing to do: {summary['out_dir']} already finished {summary['steps']} steps", file=sys.stderr)
-    print(json.dumps(summary, default=str))
+    _report_run(pretrain(_cfg(args)))
 
 
 def cmd_distill(args) -> None:
     from fewstep.distill.run import distill
 
-    summary = distill(_cfg(args))
+    _report_run(distill(_cfg(args)))
+
+
+def _rank0() -> bool:
+    """True unless this is a rank > 0 of torchrun: results are printed once, by rank 0 (the others' are partial)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _report_run(summary: dict) -> None:
+    if not _rank0():
+        return
     if summary.get("start_step", 0) >= summary.get("steps", 0):
         print(f"nothing to do: {summary['out_dir']} already finished {summary['steps']} steps", file=sys.stderr)
     print(json.dumps(summary, default=str))
@@ -146,6 +153,8 @@ def cmd_experiment(args) -> None:
 
     out = run_experiment(args.experiment, args.overrides, log=lambda msg: print(msg, file=sys.stderr, flush=True),
                          report_only=args.report_only)
+    if not _rank0():
+        return
     if out.get("summary"):
         from pathlib import Path
 
