@@ -1,3 +1,5 @@
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,3 +45,14 @@ def forbid_data_access(monkeypatch) -> None:
                       (stream.TokenBlocks, "iter_eval"), (stream, "load_meta"), (data, "load_meta"),
                       (corpus, "ensure"), (corpus, "build")]:
         monkeypatch.setattr(mod, attr, touched)
+
+
+def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 ARGS` on CPU (gloo, 1 thread per process, a free port of its own).
+    Asserts it succeeded; when it did not, the message shows each rank's last stderr lines."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--tee", "2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    ranks = [ln for ln in res.stderr.splitlines() if ln.startswith("[default")]  # what each rank said, last
+    assert res.returncode == 0, "\n".join(ranks[-20:]) + "\n" + res.stderr[-1500:]
+    return res

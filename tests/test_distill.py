@@ -4,15 +4,12 @@ keeps its ranks in step under torchrun."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import forbid_data_access, tiny_overrides
+from conftest import forbid_data_access, tiny_overrides, torchrun
 from fewstep import checkpoint
 from fewstep.config import FewstepError, load
 from fewstep.distill import METHODS
@@ -137,12 +134,7 @@ def test_every_method_under_torchrun_keeps_ranks_in_step(teacher, ar_ckpt, tmp_p
     method = {"name": name, "teacher": str(teacher_for(name, teacher, ar_ckpt)), **SMALL[name]}
     spec.write_text(json.dumps({"overrides": [f"--train.out_dir={out}", *TRAIN], "method": method,
                                 "out": str(tmp_path / "ranks.json")}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--tee", "2",
-           str(Path(__file__).with_name("torchrun_distill.py")), str(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    ranks = [ln for ln in res.stderr.splitlines() if ln.startswith("[default")]
-    assert res.returncode == 0, "\n".join(ranks[-20:]) + "\n" + res.stderr[-1500:]
+    torchrun(str(Path(__file__).with_name("torchrun_distill.py")), str(spec))
     report = json.loads((tmp_path / "ranks.json").read_text())
     assert report["world"] == 2 and report["modules"], report
     for module, r in report["modules"].items():

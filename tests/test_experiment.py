@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import torchrun
 from fewstep.cli import main
 from fewstep.config import FewstepError
 from fewstep.experiment import label, load, run_experiment
@@ -130,12 +128,7 @@ def test_experiment_under_torchrun(experiment, pydoc_data, tmp_path):
     path = tmp_path / "ci.toml"
     path.write_text(REDUCED.format(runs=tmp_path / "runs", results=tmp_path / "results", data=pydoc_data,
                                    index=tmp_path / "RESULTS.md"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--tee", "2",
-           "-m", "fewstep", "experiment", str(path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    ranks = [ln for ln in res.stderr.splitlines() if ln.startswith("[default")]
-    assert res.returncode == 0, "\n".join(ranks[-20:]) + "\n" + res.stderr[-1500:]
+    res = torchrun("-m", "fewstep", "experiment", str(path), timeout=600)
     (out,) = [json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith('{"dir"')]  # rank 0 only
     one_process = experiment[2]
     assert out["stages_run"] == one_process["stages_run"] and out["files"] == one_process["files"]

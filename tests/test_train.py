@@ -3,13 +3,11 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, torchrun
 from fewstep import checkpoint
 from fewstep.config import FewstepError, load
 from fewstep.pipeline import pretrain
@@ -97,13 +95,8 @@ def test_other_run_in_out_dir_is_refused(pydoc_data, tmp_path):
 
 
 def _torchrun(data, out, **overrides) -> None:
-    """`fewstep train` on 2 CPU processes (gloo) under torchrun (`--standalone`: a free port of its own)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--tee", "2",
-           "-m", "fewstep", "train", "--config", "tiny_mdlm", *tiny_overrides(data, out, **overrides)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    ranks = [ln for ln in res.stderr.splitlines() if ln.startswith("[default")]  # what each rank said, last
-    assert res.returncode == 0, "\n".join(ranks[-20:]) + "\n" + res.stderr[-1500:]
+    """`fewstep train` on 2 CPU processes (gloo) under torchrun."""
+    torchrun("-m", "fewstep", "train", "--config", "tiny_mdlm", *tiny_overrides(data, out, **overrides))
 
 
 def test_torchrun_two_processes_gloo(pydoc_data, tmp_path):
