@@ -85,6 +85,7 @@ def _rows(path):
 def test_end_to_end_report(experiment):
     path, results, out = experiment
     assert len([s for s in out["stages_run"] if s.startswith("train/")]) == 4  # {ar, mdlm} x {1, 2} epochs
+    assert [s for s in out["stages_run"] if s.startswith("bench/")] == ["bench/2048x2"]  # all timed in one process
     for name in ("train.jsonl", "samples.jsonl", "bench.jsonl", "summary.json", "results.md", "SUMMARY.md",
                  "val_loss_vs_epochs.png", "gen_ppl_vs_steps.png", "entropy_vs_steps.png", "latency_vs_steps.png",
                  "gen_ppl_vs_latency.png"):
@@ -157,8 +158,8 @@ def test_rerun_skips_finished_stages(experiment, monkeypatch):
     assert out["stages_run"] == []
     assert {p: p.stat().st_mtime_ns for p in stages} == before
     monkeypatch.setattr(fewstep.eval.harness, "sample_eval", boom)
-    (path.parent / "runs" / "stages" / "bench" / "sdtt.json").unlink()  # a lost result: only it runs again
-    assert run_experiment(str(path), log=lambda msg: None)["stages_run"] == ["bench/sdtt"]
+    (path.parent / "runs" / "stages" / "bench" / "2048x2.json").unlink()  # a lost result: only it runs again
+    assert run_experiment(str(path), log=lambda msg: None)["stages_run"] == ["bench/2048x2"]
 
 
 def test_report_only_runs_nothing_and_reports_what_is_done(pydoc_data, tmp_path, monkeypatch):
@@ -166,7 +167,7 @@ def test_report_only_runs_nothing_and_reports_what_is_done(pydoc_data, tmp_path,
     cfg.write_text(REDUCED.format(runs=tmp_path / "runs", results=tmp_path / "results", data=pydoc_data, index=""))
     run_experiment(str(cfg), log=lambda msg: None)
     stages = tmp_path / "runs" / "stages"
-    for lost in ("gen/sdtt", "bench/sdtt", "train/ar_2048x1"):  # as if the run had been cut
+    for lost in ("gen/sdtt", "bench/2048x2", "train/ar_2048x1"):  # as if the run had been cut
         (stages / f"{lost}.json").unlink()
 
     def boom(*a, **k):
@@ -182,7 +183,7 @@ def test_report_only_runs_nothing_and_reports_what_is_done(pydoc_data, tmp_path,
     out = run_experiment(str(cfg), log=lambda msg: None, report_only=True)
     assert out["stages_run"] == [] and not (stages / "gen" / "sdtt.json").exists()
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
-    assert sorted(summary["stages_missing"]) == ["bench/sdtt", "gen/sdtt", "train/ar_2048x1"]
+    assert sorted(summary["stages_missing"]) == ["bench/2048x2", "gen/sdtt", "train/ar_2048x1"]
     gen = _rows(tmp_path / "results" / "samples.jsonl")
     assert {r["name"] for r in gen} == {"teacher", "AR"}  # the student's rows are the ones not measured yet
     (cross,) = summary["crossover"]
@@ -207,7 +208,7 @@ def test_changed_training_setting_is_refused_then_rerun_with_dependents(experime
 
     shutil.rmtree(path.parent / "runs" / "distill" / "sdtt_2048x2")
     ran = run_experiment(str(path), [*same_eval, "--distill.sdtt.round_steps=3"], **quiet)["stages_run"]
-    assert ran == ["distill/sdtt_2048x2", "gen/sdtt", "bench/sdtt"]  # the student and what measured it
+    assert ran == ["distill/sdtt_2048x2", "bench/2048x2", "gen/sdtt"]  # the student and what measured it
 
 
 def test_didi_student_is_also_measured_with_rgas(pydoc_data, tmp_path):
@@ -220,8 +221,8 @@ def test_didi_student_is_also_measured_with_rgas(pydoc_data, tmp_path):
     (tmp_path / "ci.toml").write_text(cfg + "rgas = true\nrgas_candidates = 2\n")
     results = tmp_path / "results"
     ran = run_experiment(str(tmp_path / "ci.toml"), log=lambda msg: None)["stages_run"]
-    assert [s for s in ran if "didi" in s] == ["distill/didi_2048x1", "gen/didi", "bench/didi", "gen/didi+RGAS",
-                                               "bench/didi+RGAS"]
+    assert [s for s in ran if not s.startswith(("train/", "val/"))] == [
+        "distill/didi_2048x1", "bench/2048x1", "gen/teacher", "gen/didi", "gen/didi+RGAS", "gen/AR"]
     gen = {(r["name"], r["steps"]): r for r in _rows(results / "samples.jsonl")}
     for k in (1, 2):
         plain, guided = gen[("didi", k)], gen[("didi+RGAS", k)]
@@ -233,7 +234,7 @@ def test_didi_student_is_also_measured_with_rgas(pydoc_data, tmp_path):
     students = {s["student"] for s in json.loads((results / "summary.json").read_text())["matched_speedup"]}
     assert students == {"didi", "didi+RGAS"} and not page.exists()  # an index elsewhere is never overwritten
     again = run_experiment(str(tmp_path / "ci.toml"), ["--eval.rgas_candidates=3"], log=lambda msg: None)
-    assert again["stages_run"] == ["gen/didi+RGAS", "bench/didi+RGAS"]  # only the guided stages depend on it
+    assert again["stages_run"] == ["bench/2048x1", "gen/didi+RGAS"]  # only the guided stages depend on it
 
 
 ALL_METHODS = """
@@ -328,3 +329,32 @@ def test_presets_parse():
     assert one.experiment.epochs == [4] and one.experiment.unique_tokens == [50_000]  # one-item lists
     with pytest.raises(FewstepError, match="expected a non-empty list"):
         load("tiny", ["--experiment.epochs=4,"])
+
+
+@pytest.mark.parametrize("teacher_at_1, student_se, verdict", [
+    (50.5, 0.01, "this setup shows no gain from distillation at 1 steps"),  # +0.7 standard errors above @64
+    (51.5, 0.02, "the gain from distillation is not resolved"),  # teacher @1 worse (+2.1), student edge +1.3
+    (80.0, 0.01, "a gain from distillation"),
+])
+def test_matched_speedup_is_weighed_against_the_teacher_at_the_same_steps(teacher_at_1, student_se, verdict):
+    """A student matching the teacher @ref at k steps is credited to distillation only when the teacher itself @k
+    is worse beyond the sampling noise and the student beats it beyond the noise (hand-computed z values)."""
+    from fewstep.experiment.report import matched_speedup, summary_md
+
+    row = lambda role, name, steps, ppl, se: {"group": "t", "role": role, "name": name, "steps": steps,
+                                              "gen_ppl": ppl, "entropy": 3.0, "gen_ppl_log_se": se}
+    gen = [row("teacher", "teacher", 1, teacher_at_1, 0.01), row("teacher", "teacher", 64, 50.0, 0.01),
+           row("student", "sdtt", 1, 49.99, student_se)]
+    bench = [{"group": "t", "role": r["role"], "kind": "mdlm", "name": r["name"], "steps": r["steps"],
+              "latency_s": 0.1 * r["steps"]} for r in gen]
+    (s,) = matched_speedup(gen, bench, ref=64)
+    assert s["matched_steps"] == 1 and s["speedup"] == pytest.approx(64.0)
+    assert s["teacher_at_k_gen_ppl"] == teacher_at_1
+    assert s["teacher_at_k_z_above_ref"] == pytest.approx(math.log(teacher_at_1 / 50) / math.hypot(0.01, 0.01))
+    assert s["z_below_teacher_at_k"] == pytest.approx(math.log(teacher_at_1 / 49.99) / math.hypot(0.01, student_se))
+    text = summary_md("x", "setup", [], [s], [], bench, {"teachers": ["t"], "judge": "j", "stage_seconds": {},
+                                                          "stages_run": [], "wall_seconds": 0}, 64)
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("- sdtt: matches")]
+    assert "64.0x faster" in line and line.endswith(verdict + ".")
+    verdicts = ("shows no gain from distillation", "gain from distillation is not resolved", "a gain from distillation")
+    assert sum(v in line for v in verdicts) == 1

@@ -6,7 +6,9 @@ Two derived quantities:
 * Speed-up at matched gen PPL (per student): k* = the smallest student step count whose gen PPL is <= the
   teacher's gen PPL at its reference step count (eval.ref_steps); speed-up = latency(teacher @ ref) /
   latency(student @ k*), both from the same benchmark settings. Reported with both entropies: a student that
-  matches gen PPL only by losing entropy is flagged.
+  matches gen PPL only by losing entropy is flagged. Against the baseline of no distillation, the teacher itself
+  sampled with k* steps: a speed-up is credited to distillation only when the teacher @k* is worse than its @ref
+  beyond the sampling noise and the student @k* is better than the teacher @k* beyond it.
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ def matched_speedup(gen: list[dict], bench: list[dict], ref: int) -> list[dict]:
                    "teacher_latency_s": t_lat and t_lat.get("latency_s"),
                    "student_latency_s": s_lat and s_lat.get("latency_s"), "speedup": None, "entropy_flag": False,
                    "z_below_teacher": z_gap(hit, t) if hit else None}
+            tk = hit and _get(gen, group=g, role="teacher", steps=hit["steps"])  # the baseline: no distillation
+            row.update(teacher_at_k_gen_ppl=tk and tk.get("gen_ppl"), teacher_at_k_z_above_ref=z_gap(t, tk) if tk
+                       else None, z_below_teacher_at_k=z_gap(hit, tk) if tk else None)
             if row["teacher_latency_s"] and row["student_latency_s"]:
                 row["speedup"] = row["teacher_latency_s"] / row["student_latency_s"]
             if hit and t:
@@ -209,6 +214,21 @@ def write_index(path: str, results_root: Path) -> Path:
     return path
 
 
+def _baseline(s: dict) -> str:
+    """The matched student against the teacher itself at the same step count (module doc)."""
+    zt, zs, k = s.get("teacher_at_k_z_above_ref"), s.get("z_below_teacher_at_k"), s["matched_steps"]
+    if zt is None or zs is None:
+        return ""
+    tk = f"the teacher itself @{k} (gen PPL {_fmt(s['teacher_at_k_gen_ppl'])})"
+    if zt < 2:
+        return (f"; but {tk} is also within the sampling noise of its @{s['teacher_ref_steps']} ({zt:+.1f} standard "
+                f"errors): this setup shows no gain from distillation at {k} steps")
+    if zs < 2:
+        return (f"; {tk} is {zt:.1f} standard errors worse than its @{s['teacher_ref_steps']}, but the student's "
+                f"edge over it is within the noise ({zs:+.1f}): the gain from distillation is not resolved")
+    return f"; {tk} is {zt:.1f} standard errors worse, the student {zs:.1f} below it: a gain from distillation"
+
+
 def summary_md(name, setup, cross, speed, equal, bench, info, ref, gen=(), pngs=()) -> str:
     """The RESULTS.md section of one experiment: every sentence below is computed from the numbers in
     summary.json; the tables are the measured rows, pivoted by step count; pngs: the plots written beside it."""
@@ -254,7 +274,8 @@ def summary_md(name, setup, cross, speed, equal, bench, info, ref, gen=(), pngs=
                                       f"; a tie within the sampling noise ({z:+.1f} standard errors)")
         lines.append(f"- {s['student']}: matches the teacher @{ref} (gen PPL {_fmt(s['teacher_gen_ppl'])}) at "
                      f"{s['matched_steps']} steps (gen PPL {_fmt(s['student_gen_ppl'])}, entropy "
-                     f"{s['student_entropy']:.3f} vs {s['teacher_entropy']:.3f}{noise}){flag}: {sp}.")
+                     f"{s['student_entropy']:.3f} vs {s['teacher_entropy']:.3f}{noise}){flag}: {sp}"
+                     f"{_baseline(s)}.")
     wins = [e for e in equal if e["gen_ppl_ratio"] < 1]
     sure = [e for e in wins if (e.get("z_below_teacher") or 0) >= 2]
     lines.append(f"- At equal step counts students have lower gen PPL than the teacher in {len(wins)} of "

@@ -9,7 +9,9 @@ with the same key is skipped, so a rerun after a crash or an edit redoes only wh
   distill/<method>_<t>     each configured method on each chosen MDLM teacher (distill.run.distill); AR-teacher
                            methods (tcs, onpolicy) take the AR model of the teacher's budget
   gen/<model>              gen PPL under one judge + unigram entropy per step count (eval.harness.sample_eval)
-  bench/<model>            latency vs KV-cached AR at the experiment's length (eval.bench.bench_from_args)
+  bench/<t>                latency of one batch at the experiment's length for teacher <t>, each of its students
+                           and the KV-cached AR model of its budget, all in one process, so every latency ratio
+                           comes from one run (eval.bench.bench_from_args); redone when any of them changes
 The report (experiment/report.py) is rebuilt from the stage files on every run. Under torchrun the training
 stages run on every rank and the measurements on rank 0.
 """
@@ -163,17 +165,15 @@ class Runner:
             return {"stages_run": self.ran}
         self.solo = True
         gen, bench = [], []
+        for g in dict.fromkeys(mod["group"] for mod in models):  # first: a run cut during the gen stages keeps them
+            with self.optional():
+                bench += self.bench(g, [mod for mod in models if mod["group"] == g and mod["role"] != "ar"])
         for mod in models:
-            extra = {"role": mod["role"], "group": mod["group"]}
-            guide = mod.get("guide", False)
             with self.optional():
                 if judge is None:
                     raise Missing("the judge")
-                gen += [{**r, **extra} for r in self.gen(mod["name"], mod["ckpt"], mod["steps"], judge, guide)]
-            if mod["role"] != "ar":
-                with self.optional():
-                    bench += [{**r, **extra} for r in self.bench(mod["name"], mod["ckpt"], mod["steps"], mod["ar"],
-                                                                  guide)]
+                gen += [{**r, "role": mod["role"], "group": mod["group"]}
+                        for r in self.gen(mod["name"], mod["ckpt"], mod["steps"], judge, mod.get("guide", False))]
         from fewstep.experiment.report import write
 
         info = {"config": {"experiment": dataclasses.asdict(ex.experiment), "base": to_dict(ex.base),
@@ -265,28 +265,32 @@ class Runner:
     def _guide_key(self, guide: bool) -> dict:
         return {"rgas": self._rgas()} if guide else {}  # unguided stages keep their keys from before RGAS rows
 
-    def bench(self, name: str, ckpt: str, steps: list[int], ar_ckpt: str, guide: bool = False) -> list[dict]:
+    def bench(self, group: str, mods: list[dict]) -> list[dict]:
+        """Latency rows of every DLM of one teacher group (mods) and of its AR model, timed in one process."""
         ev, g = self.ex.eval, self._rgas()
 
-        def fn():
+        def one(mod: dict) -> list[dict]:
             import argparse
 
             from fewstep.eval.bench import add_args, bench_from_args
 
             p = argparse.ArgumentParser()
             add_args(p)
-            args = p.parse_args(["--ckpt", ckpt, "--ar-ckpt", ar_ckpt, "--steps", ",".join(map(str, steps)),
+            ckpt = mod["ckpt"]
+            args = p.parse_args(["--ckpt", ckpt, "--ar-ckpt", mod["ar"], "--steps", ",".join(map(str, mod["steps"])),
                                  "--batches", str(ev.bench_batch), "--length", str(self.ex.base.model.seq_len),
                                  "--repeats", str(ev.bench_repeats), "--hf", "none", "--device", str(self.device),
                                  *(["--guide", ckpt, "--guide-scale", ",".join(map(str, g["scale"])),
                                     "--guide-candidates", str(g["candidates"]), "--guide-rerank",
-                                    str(g["rerank"])] if guide else [])])
-            rows, _ = bench_from_args(args, log=lambda msg: None)
-            return [{**r, "name": name if r.get("kind") == "mdlm" else "AR KV-cache", "model": name} for r in rows]
-        key = {"ckpt": ckpt, "fp": self.fp.get(ckpt), "ar": ar_ckpt, "ar_fp": self.fp.get(ar_ckpt), "steps": steps,
-               "batch": ev.bench_batch, "repeats": ev.bench_repeats,
-               "length": self.ex.base.model.seq_len, **self._guide_key(guide)}
-        return self.stage(f"bench/{name.replace(' ', '_')}", key, fn)
+                                    str(g["rerank"])] if mod.get("guide") else [])])
+            rows, _ = bench_from_args(args, log=lambda msg: None)  # the AR model again: the reference next to it
+            return [{**r, "name": mod["name"] if r.get("kind") == "mdlm" else "AR KV-cache", "model": mod["name"],
+                     "role": mod["role"], "group": group} for r in rows]
+        key = {"models": [{"name": m["name"], "ckpt": m["ckpt"], "fp": self.fp.get(m["ckpt"]), "steps": m["steps"],
+                           **self._guide_key(m.get("guide", False))} for m in mods],
+               "ar": mods[0]["ar"], "ar_fp": self.fp.get(mods[0]["ar"]), "batch": ev.bench_batch,
+               "repeats": ev.bench_repeats, "length": self.ex.base.model.seq_len}
+        return self.stage(f"bench/{group}", key, lambda: [r for m in mods for r in one(m)])
 
 
 def _diff(old, new, where: str = "") -> str:
