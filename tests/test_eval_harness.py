@@ -246,3 +246,15 @@ def test_val_ppl_of_a_uniform_state_model_is_its_nelbo(pydoc_data):
     assert out["val_bound"] and math.isfinite(out["val_nll"]) and out["val_nll"] > 0
     with pytest.raises(FewstepError, match="support 'mdlm' and 'ar'"):
         continuation_logprob(model, meta_for("uniform", 32, 256), [[1]], [[2]])
+
+
+def test_race_never_picks_a_zero_probability_token_even_at_u_zero(monkeypatch):
+    """u = 0 (probability 2^-53 per entry) gives E = 0; unclamped, a zero-probability entry would read 0 / 0 = NaN,
+    which argmax picks: the mask token of an MDLM, or a token the nucleus filter removed."""
+    from fewstep.diffusion import sampling
+
+    log_p = torch.tensor([[math.log(0.5), math.log(0.5), -math.inf]], dtype=torch.float64)
+    u = torch.tensor([[0.3, 0.6, 0.0]], dtype=torch.float64)
+    assert int(sampling._race(log_p, u, 1.0)) == 0  # the live token with the smaller E (u = 0.3) wins
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: u.expand(shape).clone())
+    assert int(sample_categorical(log_p.exp())) == 0  # the same draw through the probabilities path

@@ -82,6 +82,35 @@ def test_genppl_matches_hand_computation_with_eos_weighting():
     assert out["n_samples"] == 1 and out["judge"] == "bigram" and out["n_truncated"] == 0
 
 
+class DropEosTok(CharTok):
+    """A generator tokenizer whose decode drops EOS (as the byte tokenizer does) and whose EOS is id 3."""
+    name, eos_id = "chars-without-eos", 3
+
+    def decode(self, ids):
+        return "".join(CHARS[i] for i in ids if i != self.eos_id)
+
+
+def test_documents_reach_the_judge_joined_by_its_own_eos():
+    """A sample is split at the generator's EOS and its documents joined with the judge's EOS, whatever the
+    generator's separator is or whether its decode keeps it: 'ab EOS a EOS EOS b' scores as 'ab|a||b'."""
+    from fewstep.eval.genppl import documents
+
+    gen_ids = [0, 1, 3, 0, 3, 3, 1]  # EOS = 3 in the generator's vocabulary
+    docs = documents(gen_ids, DropEosTok())
+    assert docs == ["ab", "a", "", "b"] and documents([3], DropEosTok()) == ["", ""]
+    as_docs = generative_perplexity([docs], judge(), batch_size=1)
+    as_text = generative_perplexity(["ab|a||b"], judge(), batch_size=1)
+    assert as_docs["nll"] == pytest.approx(as_text["nll"], rel=1e-12) and as_docs["n_tokens"] == as_text["n_tokens"]
+    joined = generative_perplexity([DropEosTok().decode(gen_ids)], judge())  # what decoding the whole sample gave
+    assert joined["n_tokens"] == 3 and as_docs["n_tokens"] == 4  # b a b (run together) vs b EOS a b
+    mixed = score_texts([docs, "ab|a||b"], judge(), batch_size=2)  # texts and document lists in one batch
+    assert mixed["nll_sum"][0] == pytest.approx(float(mixed["nll_sum"][1]))
+    same = documents([0, 1, EOS, 0], CharTok(), judge())  # the judge reads this tokenizer: ids, no round trip
+    assert same == [[0, 1], [0]] and documents([0, 1, EOS, 0], CharTok()) == ["ab", "a"]
+    as_ids, as_text = (generative_perplexity([x], judge())["nll"] for x in (same, "ab|a"))
+    assert as_ids == pytest.approx(as_text)
+
+
 def test_bos_is_context_and_not_the_first_eos():
     # With a BOS the first text token is scored too; a BOS equal to EOS must not consume the "first EOS".
     out = generative_perplexity(["ab|a|"], judge(bos=BOS))
@@ -234,7 +263,8 @@ def test_ckpt_judge_requires_ar(tmp_path, monkeypatch):
         load_judge(f"ckpt:{path}")
     meta["kind"] = "ar"
     j = load_judge(f"ckpt:{path}")
-    assert (j.max_len, j.eos_id, j.name) == (5, EOS, f"ckpt:{path}")
+    # trained on EOS-separated documents: EOS is its start of text, so it sees seq_len + 1 tokens with it
+    assert (j.max_len, j.eos_id, j.bos_id, j.name) == (6, EOS, EOS, f"ckpt:{path}")
     assert generative_perplexity(["abab"], j)["gen_ppl"] == pytest.approx(
-        math.exp(-(logp(0, 1) + logp(1, 0) + logp(0, 1)) / 3)
+        math.exp(-(logp(EOS, 0) + logp(0, 1) + logp(1, 0) + logp(0, 1)) / 4)
     )

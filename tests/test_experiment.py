@@ -104,6 +104,9 @@ def test_end_to_end_report(experiment):
     assert sorted((r["name"], r.get("steps")) for r in bench if r["kind"] == "mdlm") == [
         ("sdtt", 1), ("sdtt", 2), ("teacher", 1), ("teacher", 4)]
     assert all(r["seq_len"] == 32 and r["latency_s"] > 0 for r in bench)
+    (ar,) = [r for r in bench if r["kind"] == "ar"]  # timed once: every speed-up over AR comes from that timing
+    assert all(r["speedup_vs_ar"] == pytest.approx(ar["latency_s"] / r["latency_s"]) for r in bench if r is not ar)
+    assert all(r["genppl_protocol"] == 2 and r["judge_truncated"] == 0 for r in gen)
     summary = json.loads((results / "summary.json").read_text())
     (speed,) = summary["matched_speedup"]
     assert speed["student"] == "sdtt" and speed["teacher_ref_steps"] == 4
@@ -358,3 +361,18 @@ def test_matched_speedup_is_weighed_against_the_teacher_at_the_same_steps(teache
     assert "64.0x faster" in line and line.endswith(verdict + ".")
     verdicts = ("shows no gain from distillation", "gain from distillation is not resolved", "a gain from distillation")
     assert sum(v in line for v in verdicts) == 1
+
+
+def test_crossover_is_ar_ahead_then_mdlm_ahead_only():
+    """A reversed pattern (MDLM ahead at few epochs, AR at more) or a mixed one is not counted as a crossover."""
+    from fewstep.experiment.report import crossover
+
+    grid = lambda ar, md: [{"kind": k, "unique_tokens": 1000, "epochs": e, "val_nll": v}
+                           for k, vals in (("ar", ar), ("mdlm", md)) for e, v in zip((1, 4, 16), vals)]
+    (c,) = crossover(grid([2.0, 1.9, 2.1], [2.2, 1.8, 1.7]))
+    assert c["crossover"] and c["verdict"] == "crossover: AR ahead up to E=1, MDLM (bound) ahead from E=4" + \
+        "; AR's held-out NLL is lowest at E=4 and rises after it (over-fitting)"
+    (c,) = crossover(grid([2.0, 1.9, 1.8], [1.9, 2.0, 1.9]))
+    assert not c["crossover"] and c["verdict"].startswith("mixed: MDLM (bound) ahead at E=1")
+    (c,) = crossover(grid([2.0, 1.9, 1.8], [1.9, 1.8, 1.9]))
+    assert not c["crossover"] and c["mdlm_ahead"] == [True, True, False]

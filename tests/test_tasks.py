@@ -88,6 +88,10 @@ def test_loaders_read_hellaswag_mmlu_and_lambada_jsonl(tmp_path):
     for fn, path in [(load_multiple_choice, "bad.jsonl"), (load_cloze, "missing.jsonl")]:
         with pytest.raises((FewstepError, KeyError)):
             fn(str(tmp_path / path))
+    for label in ("", None, "E", 2, "x"):  # "" is HellaSwag's test split: an error, never silently choice 0
+        (tmp_path / "nolabel.jsonl").write_text(json.dumps({**hs[0], "label": label}))
+        with pytest.raises(FewstepError, match="not an answer index below 2"):
+            load_multiple_choice(str(tmp_path / "nolabel.jsonl"))
 
 
 def test_heldout_documents_are_the_val_split(pydoc_data):

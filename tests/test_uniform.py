@@ -76,9 +76,13 @@ def test_uniform_sampler_and_training(pydoc_data, tmp_path):
     assert meta["kind"] == "uniform" and model.time_conditioned and model.mask_id is None
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))
+    seen = []  # on_step(k, t, s, x_t, log_p, x_s) after every step, as for masked models
     x, traj = sample(model, LogLinear(), batch=3, length=32, steps=8, mask_id=None, greedy_tail=True,
-                     return_trajectory=True, generator=torch.Generator().manual_seed(0))
+                     return_trajectory=True, generator=torch.Generator().manual_seed(0),
+                     on_step=lambda k, t, s, x_t, log_p, x_s: seen.append((k, x_t.clone(), x_s.clone())))
     assert len(calls) == 8 and len(traj) == 9
+    assert [k for k, _, _ in seen] == list(range(8))
+    assert all(torch.equal(x_t, traj[k]) and torch.equal(x_s, traj[k + 1]) for k, x_t, x_s in seen)
     assert x.min() >= 0 and x.max() < 257 and x.shape == (3, 32)
     assert not torch.equal(traj[0], traj[-1])  # the noise is actually denoised
     last = model(traj[-2], torch.full((3,), 1 / 8)).argmax(-1)

@@ -19,7 +19,7 @@ def run_demo(out_dir: str = "runs/demo", overrides: list[str] = (), steps: str =
     from fewstep.config import load
     from fewstep.data import ensure, get_tokenizer
     from fewstep.eval.harness import sample_eval
-    from fewstep.eval.judge import Judge
+    from fewstep.eval.judge import ar_judge
     from fewstep.pipeline import pretrain
     from fewstep.report import markdown_table, plot
 
@@ -38,8 +38,7 @@ def run_demo(out_dir: str = "runs/demo", overrides: list[str] = (), steps: str =
     tok = get_tokenizer(dmeta["tokenizer"])
     models = {kind: load_model(out / kind, device) for kind in ("mdlm", "ar")}
     ar_model, ar_meta = models["ar"]
-    judge = Judge.from_module(ar_model, tok, max_len=ar_meta["model"]["seq_len"] + 1, name="tiny AR (ours)",
-                              bos_id=tok.eos_id)
+    judge = ar_judge(ar_model, ar_meta, name="tiny AR (ours)")
     rows = []
     for k in [int(s) for s in steps.split(",")]:
         rows.append(sample_eval(*models["mdlm"], steps=k, n=n, tokenizer=tok, judge=judge, name="MDLM tiny"))

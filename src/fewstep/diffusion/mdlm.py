@@ -4,8 +4,9 @@ Forward process (Eq. 1): q(x_t | x0) = Cat(alpha_t x0 + (1 - alpha_t) m), each t
 SUBS parameterisation (Sec. 3.2.3): the mask token gets zero probability (zero-masking) and unmasked positions copy
 their token (carry-over). Continuous-time NELBO (Eq. 10):
     L = E_{t ~ U[0,1], x_t ~ q} [ w(t) * sum_{l : x_t^l = m} -log p_theta(x0^l | x_t) ],  w(t) = -alpha'_t/(1-alpha_t)
-With a perfect denoiser the expected NELBO equals -log p(x0) exactly (an average over decoding orders of exact
-autoregressive factorisations), which the tests check on a Markov chain.
+With a perfect denoiser the expected NELBO equals -log p(x0) (an average over decoding orders of exact
+autoregressive factorisations), which the tests check on a Markov chain, up to the alpha in [0, eps] part that
+the schedule's alpha_1 = eps leaves out (about eps x the all-masked cross-entropy; docs/evaluation.md).
 """
 
 from __future__ import annotations

@@ -40,13 +40,15 @@ import torch
 
 from fewstep.diffusion.uniform import posterior_probs
 
+TINY = torch.finfo(torch.float64).tiny
+
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw from unnormalised probabilities (..., V) by an exponential race in float64: argmax_v p_v / E_v."""
     probs = probs.double()
     u = torch.rand(probs.shape, dtype=torch.float64, device=probs.device, generator=generator)
-    e = -torch.log1p(-u)  # Exp(1); log1p(-u) is exact near u = 0, and u < 1 always
-    return (probs / e).argmax(-1)
+    e = (-torch.log1p(-u)).clamp_min(TINY)  # Exp(1); log1p(-u) is exact near u = 0, and u < 1 always
+    return (probs / e).argmax(-1)  # TINY: u = 0 (p = 2^-53) would make 0 / 0 = NaN, which argmax picks
 
 
 def filter_probs(log_p: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
@@ -69,7 +71,7 @@ DRAW_CHUNK = 2**26  # float64 elements per chunk of rows (512 MiB): bounds the d
 def _race(log_p: torch.Tensor, u: torch.Tensor, inv_temperature: float) -> torch.Tensor:
     """sample_categorical's exponential race on exp(log_p / T), unnormalised (the argmax does not care): (N, V) ->
     (N,). Compiled (`_fused_race`), it is one kernel reading log_p and u once, with no float64 temporaries."""
-    return ((log_p.double() * inv_temperature).exp() / -torch.log1p(-u)).argmax(-1)
+    return ((log_p.double() * inv_temperature).exp() / (-torch.log1p(-u)).clamp_min(TINY)).argmax(-1)
 
 
 @functools.cache
@@ -173,10 +175,13 @@ def sample(
         a_t, a_s = _alpha(schedule, t), _alpha(schedule, s)
         if mask_id is None:
             if k == steps - 1 and greedy_tail:
-                x = log_p.argmax(-1)
+                x_new = log_p.argmax(-1)
             else:
                 post = functools.partial(_posterior_rows, z_t=x.reshape(-1), alpha_s=a_s if s > 0 else 1.0, alpha_t=a_t)
-                x = draw_rows(log_p.flatten(0, 1), temperature, top_p, generator, post).view_as(x)
+                x_new = draw_rows(log_p.flatten(0, 1), temperature, top_p, generator, post).view_as(x)
+            if on_step is not None:
+                on_step(k, t, s, x, log_p, x_new)
+            x = x_new
             if trajectory is not None:
                 trajectory.append(x.clone())
             continue

@@ -15,7 +15,7 @@ import torch
 
 @dataclass(frozen=True)
 class LogLinear:
-    eps: float = 1e-3  # alpha_1 = eps keeps w(t) finite at t = 1 (MDLM's LogLinearNoise)
+    eps: float = 1e-3  # alpha_1 = eps as MDLM's LogLinearNoise; the NELBO then omits alpha in [0, eps] (~eps x CE)
     name: str = "loglinear"
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:

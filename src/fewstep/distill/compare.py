@@ -43,12 +43,11 @@ def compare(teacher: str, students: dict[str, str], judge: str, *, teacher_steps
     from fewstep.diffusion.schedule import schedule_of
     from fewstep.distill.rgas import discriminator_file, rgas_for
     from fewstep.eval.harness import sample_eval
-    from fewstep.eval.judge import Judge
+    from fewstep.eval.judge import ar_judge
 
     ar, ar_meta = load_model(judge, device)
     tok = get_tokenizer(ar_meta["data"]["tokenizer"])
-    # The AR model was trained on EOS-separated documents, so EOS is its natural start-of-text (as in the demo).
-    j = Judge.from_module(ar, tok, max_len=ar_meta["model"]["seq_len"] + 1, name=f"AR {judge}", bos_id=tok.eos_id)
+    j = ar_judge(ar, ar_meta, name=f"AR {judge}")
     rows = []
 
     def measure(model, meta, row_name, steps, sd, **kw):  # one row: same judge, n, batch and seed for every model

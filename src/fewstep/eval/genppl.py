@@ -1,8 +1,14 @@
 """Generative perplexity: how likely a judge causal LM finds decoded samples.
 
 Protocol of MDLM (Sahoo et al. 2024, `diffusion.py::compute_generative_perplexity`), as in Duo and IDLM:
-  1. decode the samples to text with the generator's tokenizer (done by the caller);
-  2. retokenize each text with the judge's tokenizer (prepend the judge's BOS if it uses one);
+  1. split each sample at the generator's EOS into documents and decode each to text (done by the caller,
+     `documents`); a judge that reads the generator's own tokenizer gets the documents' ids as generated;
+  2. retokenize each document with the judge's tokenizer and join a sample's documents with the judge's EOS
+     (prepend the judge's BOS if it uses one). MDLM gets this implicitly: its HF GPT-2 tokenizer parses a decoded
+     "<|endoftext|>" back into the special token. Decoding a separator as text would not work here: tiktoken's
+     plain encoding reads it as 7 ordinary tokens, the byte tokenizer drops it (documents run together), and a
+     SmolLM2 generator's <|im_end|> is not SmolLM2's document separator <|endoftext|>. Nor is a decode/encode
+     round trip exact: bytes that are not valid UTF-8 come back as the 3 bytes of U+FFFD;
   3. truncate to the judge's context `max_len` (MDLM: `truncation=True, max_length=model.length`);
   4. next-token NLL from the judge, log-softmax in float32 (or float64);
   5. weights: every non-EOS token plus the FIRST EOS of the text; later EOS tokens and padding weigh 0;
@@ -29,12 +35,36 @@ from torch import nn
 from fewstep.config import FewstepError
 from fewstep.eval.judge import Judge, module_device
 
+PROTOCOL = 2  # 1: each sample decoded as one text (EOS dropped or spelt out); 2: documents (docs/evaluation.md)
+Doc = str | list[int]  # a document's text, or its ids in the judge's own vocabulary
+Sample = str | Sequence[Doc]  # one text, or a sample's documents (`documents`)
 
-def _retokenize(texts: Sequence[str], judge: Judge) -> tuple[list[list[int]], int]:
-    """Judge token ids per text, BOS prepended and truncated to judge.max_len; also how many were cut."""
+
+def documents(ids: Sequence[int], tokenizer, judge: Judge | None = None) -> list[Doc]:
+    """A sample's documents: its ids split at the generator's EOS (empty parts kept, so the judge sees every
+    separator: 'a EOS EOS b' -> ['a', '', 'b']), each decoded, or kept as ids when `judge` reads this tokenizer."""
+    keep = judge is not None and judge.tokenizer is not None and judge.tokenizer == getattr(tokenizer, "name", None)
+    docs, cur = [], []
+    for i in [*ids, tokenizer.eos_id]:
+        if i == tokenizer.eos_id:
+            docs.append(list(cur) if keep else tokenizer.decode(cur))
+            cur = []
+        else:
+            cur.append(i)
+    return docs
+
+
+def _retokenize(samples: Sequence[Sample], judge: Judge) -> tuple[list[list[int]], int]:
+    """Judge token ids per sample (documents joined with the judge's EOS), BOS prepended and truncated to
+    judge.max_len; also how many were cut."""
+    docs = [[t] if isinstance(t, str) else list(t) for t in samples]
+    strs = [d for ds in docs for d in ds if isinstance(d, str)]
+    texts = iter(judge.encode(strs) if strs else [])  # one call: the judge's batch encoder
     seqs, n_cut = [], 0
-    for ids in judge.encode(list(texts)):
-        ids = ([judge.bos_id] if judge.bos_id is not None else []) + list(ids)
+    for ds in docs:
+        ids = [judge.bos_id] if judge.bos_id is not None else []
+        for j, d in enumerate(ds):
+            ids += ([judge.eos_id] if j else []) + list(next(texts) if isinstance(d, str) else d)
         if len(ids) > judge.max_len:
             n_cut += 1
             ids = ids[: judge.max_len]
@@ -59,7 +89,7 @@ def token_weights(x: torch.Tensor, lengths: torch.Tensor, eos_id: int, start: in
 
 @torch.no_grad()
 def score_texts(
-    texts: Sequence[str],
+    texts: Sequence[Sample],
     judge: Judge,
     *,
     batch_size: int = 8,
@@ -109,7 +139,7 @@ def score_texts(
 
 
 def generative_perplexity(
-    texts: Sequence[str],
+    texts: Sequence[Sample],
     judge: Judge,
     *,
     batch_size: int = 8,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fewstep.eval.entropy import unigram_entropy
-from fewstep.eval.genppl import generative_perplexity
+from fewstep.eval.genppl import PROTOCOL, documents, generative_perplexity
 from fewstep.eval.speed import timed
 
 
@@ -47,7 +47,7 @@ def sample_eval(
               temperature=temperature, guidance=guidance)
     generate(model, meta, n=batch, batch=batch, **kw)  # warm-up: allocator, kernels, caches
     x, seconds, _ = timed(lambda: generate(model, meta, n=n, batch=batch, **kw), device=device, warmup=0)
-    texts = [tokenizer.decode(ids) for ids in x.tolist()]
+    samples = x.tolist()
     is_ar = meta["kind"] == "ar"
     row = {
         "name": name or meta.get("name", "model"),
@@ -72,9 +72,10 @@ def sample_eval(
     if guidance is not None and not is_ar:
         row.update(guidance.settings())
     if judge is not None:
-        g = generative_perplexity(texts, judge)
-        row.update(gen_ppl=g["gen_ppl"], gen_ppl_log_se=g["nll_se"], judge=g["judge"], judge_tokens=g["n_tokens"])
-    row["example"] = texts[0][:160]
+        g = generative_perplexity([documents(ids, tokenizer, judge) for ids in samples], judge)
+        row.update(gen_ppl=g["gen_ppl"], gen_ppl_log_se=g["nll_se"], judge=g["judge"], judge_tokens=g["n_tokens"],
+                   judge_truncated=g["n_truncated"], genppl_protocol=PROTOCOL)
+    row["example"] = tokenizer.decode(samples[0])[:160]
     return row
 
 

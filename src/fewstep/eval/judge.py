@@ -39,6 +39,7 @@ class Judge:
     max_len: int = 1024  # context length; longer retokenized texts are truncated (see genppl)
     name: str = "judge"
     device: torch.device | str = "cpu"
+    tokenizer: str | None = None  # the fewstep tokenizer whose ids it reads: such samples are scored as generated
 
     @classmethod
     def from_module(
@@ -59,7 +60,23 @@ class Judge:
             max_len=int(max_len),
             name=name or f"module:{getattr(tokenizer, 'name', 'tokenizer')}",
             device=device,
+            tokenizer=getattr(tokenizer, "name", None),
         )
+
+
+def ar_judge(model: nn.Module, meta: dict, name: str, max_len: int | None = None) -> Judge:
+    """One of our AR checkpoints (loaded: model, meta) as a judge. It was trained on EOS-separated documents, so
+    EOS is its start of text (prepended as BOS, as its sampler does), and it sees seq_len tokens after it."""
+    from fewstep.data import get_tokenizer
+
+    if meta.get("kind") != "ar":
+        raise FewstepError(f"judge {name!r} is a {meta.get('kind')!r} checkpoint; a judge must be kind 'ar'")
+    tok = get_tokenizer(meta["data"]["tokenizer"])
+    ctx = max_len or ((meta.get("model") or {}).get("seq_len") or 0) + 1
+    if ctx < 2:
+        raise FewstepError(f"judge {name!r} does not record model.seq_len; pass max_len")
+    model.eval()
+    return Judge.from_module(model, tok, int(ctx), name=name, bos_id=tok.eos_id)
 
 
 def load_judge(spec: str, device: torch.device | str = "cpu", max_len: int | None = None) -> Judge:
@@ -130,7 +147,8 @@ def _load_hf(path: str, device, max_len: int | None, name: str, gguf_file: str |
     cfg = lm.config
     ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1024
     # Documents are separated by <|endoftext|> in GPT-2-style vocabularies (gpt2, SmolLM2); an Instruct
-    # model's eos_token is the chat-turn end (<|im_end|>) instead, which decoded samples never contain.
+    # model's eos_token is the chat-turn end (<|im_end|>) instead. Samples reach the judge as documents, joined
+    # with this id whatever the generator's own separator is (genppl).
     vocab = tok.get_vocab()
     eos = vocab["<|endoftext|>"] if "<|endoftext|>" in vocab else tok.eos_token_id
     # Prepend BOS only if the tokenizer itself adds one (Llama-style). GPT-2-style judges get none; as in
@@ -152,16 +170,8 @@ def _load_ckpt(path: str, device, max_len: int | None) -> Judge:
     if not Path(path).exists():
         raise FewstepError(f"judge checkpoint {path!r} does not exist")
     from fewstep.checkpoint import load_model
-    from fewstep.data import get_tokenizer
 
     model, meta = load_model(path, device)
-    if meta.get("kind") != "ar":
-        raise FewstepError(f"judge {path!r} is a {meta.get('kind')!r} checkpoint; a judge must be kind 'ar'")
-    tokenizer = get_tokenizer(meta["data"]["tokenizer"])
-    ctx = max_len or (meta.get("model") or {}).get("seq_len") or meta.get("seq_len")
-    if not ctx:
-        raise FewstepError(f"judge checkpoint {path!r} does not record model.seq_len; pass max_len")
-    model.eval()
-    judge = Judge.from_module(model, tokenizer, int(ctx), name=f"ckpt:{path}")
+    judge = ar_judge(model, meta, f"ckpt:{path}", max_len)
     judge.device = torch.device(device)
     return judge

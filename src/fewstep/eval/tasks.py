@@ -122,6 +122,17 @@ def _rows(source: str, n: int | None) -> list[dict]:
     return rows[:n] if n else rows
 
 
+def _label(label, n: int, source: str) -> int:
+    """A row's answer index: an int, its digits, or a letter A-D; an unlabeled row (HellaSwag's test split) is an
+    error, not choice 0."""
+    s = str(label).strip() if label is not None else ""
+    i = "ABCD".index(s) if len(s) == 1 and s in "ABCD" else int(s) if s.lstrip("-").isdigit() else None
+    if i is None or not 0 <= i < n:
+        raise FewstepError(f"{source}: a multiple-choice row has label {label!r}, not an answer index below {n} "
+                           "(unlabeled rows such as HellaSwag's test split cannot be scored: use the validation split)")
+    return i
+
+
 def load_multiple_choice(source: str, n: int | None = None) -> list[MCItem]:
     """HellaSwag rows {ctx, endings, label} or MMLU rows {question, choices, answer} from JSONL or `hf:`."""
     items = []
@@ -133,7 +144,7 @@ def load_multiple_choice(source: str, n: int | None = None) -> list[MCItem]:
             ctx, endings, label = f"{r['question'].strip()}\nAnswer:", r["choices"], r["answer"]
         else:
             raise FewstepError(f"{source}: a multiple-choice row needs ctx/endings/label or question/choices/answer")
-        label = "ABCD".index(label) if isinstance(label, str) and label in "ABCD" else int(label)
+        label = _label(label, len(endings), source)
         items.append(MCItem(ctx, [" " + e.strip() for e in endings], label))
     return items
 

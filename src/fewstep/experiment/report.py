@@ -57,7 +57,7 @@ def crossover(grid: list[dict]) -> list[dict]:
         if best_ar < eps[-1]:
             verdict += f"; AR's held-out NLL is lowest at E={best_ar:g} and rises after it (over-fitting)"
         out.append({"unique_tokens": u, "epochs": eps, "ar_val_nll": ar, "mdlm_val_nll": md, "mdlm_ahead": ahead,
-                    "crossover": any(ahead) and not all(ahead), "verdict": verdict})
+                    "crossover": any(ahead) and not all(ahead) and ahead == sorted(ahead), "verdict": verdict})
     return out
 
 
@@ -163,13 +163,14 @@ def write(out_dir: str, grid: list[dict], gen: list[dict], bench: list[dict], in
     cfg, ev = info["config"], info["config"]["eval"]
     m, d = cfg["base"]["model"], cfg["base"]["data"]
     one = gen[0] if gen else {}
+    val_tokens = next((r.get("val_tokens") for r in grid if r["kind"] == "mdlm"), None)
     setup = (f"Data `{d['corpus']}` ({d['tokenizer']} tokens), model d={m['d_model']} x {m['n_layers']} layers, "
              f"L={m['seq_len']}, {_fmt(grid[0].get('params'))} parameters (AR and MDLM alike), batch "
              f"{cfg['base']['train']['batch_size']}. Judge `{info['judge']}`; {ev['n']} samples per row, "
              f"seed {ev['seed']}, float64 sampling, greedy tail {'on' if ev['greedy_tail'] else 'off'}, "
              f"{one.get('precision', 'fp32')} on {one.get('device', '?')}; latency: batch {ev['bench_batch']}, "
-             f"median of {ev['bench_repeats']}. Val NLL: {ev['val_batches']} x 16 held-out sequences, MDLM with "
-             f"{ev['val_mc']} NELBO time samples each.")
+             f"median of {ev['bench_repeats']}. Val NLL: {_fmt(val_tokens)} held-out tokens (MDLM; AR scores all "
+             f"but each sequence's first), MDLM with {ev['val_mc']} NELBO time samples per sequence.")
     val_rows = [{"unique_tokens": c["unique_tokens"], "epochs": e, "ar_val_nll": a, "mdlm_val_nll": md,
                  "mdlm_minus_ar": md - a, "ahead": "MDLM" if md < a else "AR",
                  "train_steps": _get(grid, kind="ar", unique_tokens=c["unique_tokens"], epochs=e)["train_steps"]}
@@ -221,8 +222,8 @@ def _baseline(s: dict) -> str:
         return ""
     tk = f"the teacher itself @{k} (gen PPL {_fmt(s['teacher_at_k_gen_ppl'])})"
     if zt < 2:
-        return (f"; but {tk} is also within the sampling noise of its @{s['teacher_ref_steps']} ({zt:+.1f} standard "
-                f"errors): this setup shows no gain from distillation at {k} steps")
+        return (f"; but {tk} is not worse than its @{s['teacher_ref_steps']} beyond the sampling noise ({zt:+.1f} "
+                f"standard errors): this setup shows no gain from distillation at {k} steps")
     if zs < 2:
         return (f"; {tk} is {zt:.1f} standard errors worse than its @{s['teacher_ref_steps']}, but the student's "
                 f"edge over it is within the noise ({zs:+.1f}): the gain from distillation is not resolved")
@@ -262,13 +263,17 @@ def summary_md(name, setup, cross, speed, equal, bench, info, ref, gen=(), pngs=
                   *img("latency_vs_steps"), *img("gen_ppl_vs_latency")]
     lines += ["", f"**Distillation** (teacher(s) {', '.join(info['teachers'])}; judge `{info['judge']}`)."]
     for s in speed:
+        if s["teacher_gen_ppl"] is None:
+            lines.append(f"- {s['student']}: the teacher's @{ref} gen PPL is not measured: no matched-quality claim.")
+            continue
         if s["matched_steps"] is None:
             lines.append(f"- {s['student']}: no measured step count reaches the teacher's gen PPL @{ref} "
                          f"({_fmt(s['teacher_gen_ppl'])}): no matched-quality speed-up.")
             continue
         flag = (f" but its entropy is {100 * (1 - s['student_entropy'] / s['teacher_entropy']):.1f}% lower "
                 "(part of the gain is lost diversity)" if s["entropy_flag"] else "")
-        sp = f"{s['speedup']:.1f}x faster" if s["speedup"] else "latency not measured"
+        sp = ("latency not measured" if not s["speedup"] else f"{s['speedup']:.1f}x faster" if s["speedup"] >= 1
+              else f"{1 / s['speedup']:.1f}x slower")
         z = s.get("z_below_teacher")
         noise = "" if z is None else (f"; {z:.1f} standard errors below it" if z >= 2 else
                                       f"; a tie within the sampling noise ({z:+.1f} standard errors)")

@@ -241,35 +241,30 @@ class Runner:
                                         seed=ev.seed, greedy_tail=ev.greedy_tail, device=self.device, name=name,
                                         guidance=guidance))
             return rows
+        from fewstep.eval.genppl import PROTOCOL
+
         key = {"ckpt": ckpt, "fp": self.fp.get(ckpt), "steps": steps, "judge": judge, **self._guide_key(guide),
+               "genppl_protocol": PROTOCOL,
                "judge_fp": self.fp.get(judge[5:]), **{k: getattr(ev, k) for k in
                ("n", "batch", "seed", "greedy_tail")}}
         return self.stage(f"gen/{name.replace(' ', '_')}", key, fn)
 
     def _judge(self, spec: str):
         if getattr(self, "_j", (None,))[0] != spec:
-            from fewstep.eval.judge import Judge, load_judge
+            from fewstep.eval.judge import load_judge
 
-            if spec.startswith("ckpt:"):  # ours: EOS is its start of text, as in distill/compare.py
-                from fewstep.checkpoint import load_model
-                from fewstep.data import get_tokenizer
-
-                ar, meta = load_model(spec[5:], self.device)
-                tok = get_tokenizer(meta["data"]["tokenizer"])
-                j = Judge.from_module(ar, tok, max_len=meta["model"]["seq_len"] + 1, name=spec, bos_id=tok.eos_id)
-            else:
-                j = load_judge(spec, self.device)
-            self._j = (spec, j)
+            self._j = (spec, load_judge(spec, self.device))  # ckpt: ours, EOS as its start of text (ar_judge)
         return self._j[1]
 
     def _guide_key(self, guide: bool) -> dict:
         return {"rgas": self._rgas()} if guide else {}  # unguided stages keep their keys from before RGAS rows
 
     def bench(self, group: str, mods: list[dict]) -> list[dict]:
-        """Latency rows of every DLM of one teacher group (mods) and of its AR model, timed in one process."""
+        """Latency rows of every DLM of one teacher group (mods) and of its AR model, timed in one process; the AR
+        model once, first, and every speed-up over it from that one timing."""
         ev, g = self.ex.eval, self._rgas()
 
-        def one(mod: dict) -> list[dict]:
+        def one(mod: dict, ar: bool) -> list[dict]:
             import argparse
 
             from fewstep.eval.bench import add_args, bench_from_args
@@ -277,20 +272,29 @@ class Runner:
             p = argparse.ArgumentParser()
             add_args(p)
             ckpt = mod["ckpt"]
-            args = p.parse_args(["--ckpt", ckpt, "--ar-ckpt", mod["ar"], "--steps", ",".join(map(str, mod["steps"])),
+            args = p.parse_args(["--ckpt", ckpt, *(["--ar-ckpt", mod["ar"]] if ar else []),
+                                 "--steps", ",".join(map(str, mod["steps"])),
                                  "--batches", str(ev.bench_batch), "--length", str(self.ex.base.model.seq_len),
                                  "--repeats", str(ev.bench_repeats), "--hf", "none", "--device", str(self.device),
                                  *(["--guide", ckpt, "--guide-scale", ",".join(map(str, g["scale"])),
                                     "--guide-candidates", str(g["candidates"]), "--guide-rerank",
                                     str(g["rerank"])] if mod.get("guide") else [])])
-            rows, _ = bench_from_args(args, log=lambda msg: None)  # the AR model again: the reference next to it
+            rows, _ = bench_from_args(args, log=lambda msg: None)
             return [{**r, "name": mod["name"] if r.get("kind") == "mdlm" else "AR KV-cache", "model": mod["name"],
                      "role": mod["role"], "group": group} for r in rows]
+
+        def fn() -> list[dict]:
+            rows = [r for i, m in enumerate(mods) for r in one(m, ar=i == 0)]
+            ar = next(r for r in rows if r.get("kind") == "ar")
+            for r in rows:
+                if r.get("kind") == "mdlm" and r.get("latency_s") and ar.get("latency_s"):
+                    r["speedup_vs_ar"] = ar["latency_s"] / r["latency_s"]
+            return rows
         key = {"models": [{"name": m["name"], "ckpt": m["ckpt"], "fp": self.fp.get(m["ckpt"]), "steps": m["steps"],
                            **self._guide_key(m.get("guide", False))} for m in mods],
                "ar": mods[0]["ar"], "ar_fp": self.fp.get(mods[0]["ar"]), "batch": ev.bench_batch,
                "repeats": ev.bench_repeats, "length": self.ex.base.model.seq_len}
-        return self.stage(f"bench/{group}", key, lambda: [r for m in mods for r in one(m)])
+        return self.stage(f"bench/{group}", key, fn)
 
 
 def _diff(old, new, where: str = "") -> str:
