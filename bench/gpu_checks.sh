@@ -1,54 +1,62 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/performance.md in one command, highest priority first (parts 1-5: about 8 minutes
-# on one H100/H200), and the small experiment (part 6 alone: about 6-7 minutes, estimated). Each part has its own time limit; a failing part is reported and the next one runs. Results are
-# appended to bench/results/*.jsonl as usual; with OUT=<dir>, the lines this run added and the log also go there.
+# The GPU measurements of docs/performance.md in one command, the headline numbers first. Parts 5 2 4 (the
+# default's first three) fit one 600 s device call: about 500 s of limits; parts 3 1 in a second call; part 6 (the
+# small experiment, about 6-7 minutes, estimated) alone. Each part has its own time limit; a failing or cut part is
+# reported and the next one runs. Results are appended to bench/results/*.jsonl as usual; with OUT=<dir>, the
+# lines each part added and the log are copied there as soon as that part ends, so a cut call keeps them.
 #
 #   bash bench/gpu_checks.sh                 # needs CUDA and an importable fewstep (pip install -e . or PYTHONPATH=src)
-#   OUT=/tmp/gpu bash bench/gpu_checks.sh    # part 4 needs data/default-gpt2 (fewstep data --config small_mdlm)
-#   bash bench/gpu_checks.sh 2 4             # only parts 2 and 4
-#   OUT=/tmp/gpu bash bench/gpu_checks.sh 6  # the small experiment; its report is copied to OUT/small
+#   OUT=/tmp/gpu bash bench/gpu_checks.sh 5 2 4   # part 4 needs data/default-gpt2 (fewstep data --config small_mdlm)
+#   OUT=/tmp/gpu bash bench/gpu_checks.sh 3 1
+#   OUT=/tmp/gpu bash bench/gpu_checks.sh 6  # the small experiment; its report and stage files come back as OUT/small.tgz
 #
-# 1  tests marked gpu (CUDA graphs, compiled decode, bf16 paths)
-# 2  roofline of one denoising step at the ~160M owt-small shape (target: within 2x of the floor); fused draw
-# 3  MDLM loss head on masked rows vs the full head at that shape (time, peak memory)
-# 4  training tokens/s and MFU of small_mdlm on one GPU (target: >= 40%)
 # 5  sampling latency: 1/4/1024 steps vs KV-cached AR (compiled), batch 1 (targets: 100x and 20x)
+# 2  roofline of one denoising step at the ~160M owt-small shape (target: within 2x of the floor); fused draw
+# 4  training tokens/s and MFU of small_mdlm on one GPU, compiled (target: >= 40%)
+# 3  MDLM loss head on masked rows vs the full head at that shape (time, peak memory)
+# 1  tests marked gpu (CUDA graphs, compiled decode, bf16 paths)
 # 6  `fewstep experiment small` (docs/experiments.md; needs data/default-gpt2): resumable, so a cut run continues
 set -u
+export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 OUT=${OUT:-}
-PARTS=${*:-1 2 3 4 5}
+PARTS=${*:-5 2 4 3 1}
 [ -n "$OUT" ] && mkdir -p "$OUT"
 before=$(mktemp -d)
 cp bench/results/*.jsonl "$before"/ 2>/dev/null
+LOG="${OUT:-$before}/gpu_checks.log"
+collect() {  # copy the rows added since the start to OUT (at most 8 files come back: one per results file)
+    [ -n "$OUT" ] || return 0
+    for f in bench/results/*.jsonl; do
+        b=$(basename "$f")
+        if [ -f "$before/$b" ]; then new=$(diff "$before/$b" "$f" | sed -n 's/^> //p'); else new=$(cat "$f"); fi
+        [ -n "$new" ] && printf '%s\n' "$new" > "$OUT/new-$b"
+    done
+    if [ -d runs/experiments/small/stages ]; then  # the report and a cut run's stage files, as one file
+        tar czf "$OUT/small.tgz" runs/experiments/small/stages $( [ -d docs/results/small ] && echo docs/results/small )
+    fi
+    return 0
+}
 run() {  # run <part> <seconds> <command...>
     local n=$1 limit=$2
     shift 2
     case " $PARTS " in *" $n "*) ;; *) return 0 ;; esac
     echo "== part $n: $* ($(date +%T), limit ${limit}s)"
-    timeout "$limit" "$@"
+    timeout -k 10 "$limit" "$@"
     local rc=$?
     [ $rc -ne 0 ] && echo "!! part $n exited with $rc"
+    collect
     return 0
 }
 {
-run 1 240 "$PY" -m pytest -q -m gpu tests
-run 2 150 "$PY" bench/roofline.py --preset owt-small-shape --append
-run 2 60 "$PY" bench/draw.py --device cuda --rows 1024
-run 3 120 "$PY" bench/loss_head.py --device cuda --batch 32 --len 1024 --d-model 768 --layers 12 --heads 12
-run 4 180 "$PY" bench/train_throughput.py --device cuda --preset small_mdlm --procs 1 --steps 80 --log-every 20
-run 5 240 "$PY" bench/speed.py --preset owt-small-shape --random-weights --compile --steps 1,4,1024 --batches 1 \
-    --hf none
+run 5 200 "$PY" bench/speed.py --preset owt-small-shape --random-weights --compile --steps 1,4,1024 --batches 1 \
+    --lengths none --repeats 3 --hf none
+run 2 110 "$PY" bench/roofline.py --preset owt-small-shape --append
+run 2 40 "$PY" bench/draw.py --device cuda --rows 1024
+run 4 150 "$PY" bench/train_throughput.py --device cuda --preset small_mdlm --procs 1 --steps 80 --log-every 20 \
+    train.compile=true
+run 3 90 "$PY" bench/loss_head.py --device cuda --batch 32 --len 1024 --d-model 768 --layers 12 --heads 12
+run 1 200 "$PY" -m pytest -q -m gpu tests
 run 6 570 "$PY" -m fewstep experiment small
-} 2>&1 | tee "${OUT:-$before}/gpu_checks.log"
-if [ -n "$OUT" ]; then
-    [ -d docs/results/small ] && cp -r docs/results/small "$OUT/small"
-    [ -d runs/experiments/small/stages ] && cp -r runs/experiments/small/stages "$OUT/small-stages"  # a cut run's results
-    for f in bench/results/*.jsonl; do
-        b=$(basename "$f")
-        new=$(diff "$before/$b" "$f" 2>/dev/null | sed -n 's/^> //p')
-        [ -f "$before/$b" ] || new=$(cat "$f")
-        [ -n "$new" ] && printf '%s\n' "$new" > "$OUT/new-$b"
-    done
-fi
+} 2>&1 | tee "$LOG"
 exit 0

@@ -2,11 +2,13 @@
 
     python bench/roofline.py --preset owt-small-shape          # ~160M MDLM, batch 1, L = 1024, bf16, H100
 
-Floor of one step (model call + ancestral update) at batch B and length L, from numbers measured in this run:
+Floor of one model call at batch B and length L, from numbers measured in this run:
   FLOPs  = 2 B L N_mm + 4 B L^2 d n_layers            (N_mm: weights used in matmuls, output head included;
                                                        the attention term counts Q K^T and A V, bidirectional)
   bytes  = 2 N_mm + 4 B L V + bytes of the per-layer activations (bf16, each read and written once)
   floor  = max(FLOPs / R_mm, bytes / BW)               (R_mm: bf16 matmul rate, BW: device-to-device copy rate)
+  step floor = floor + 20 B L V / BW                    (the update's float64 draw over every row: uniforms
+                                                       written and read, float32 log-probs read)
 R_mm is measured twice: on a large 8192^3 product (the device's best) and on this model's own matmul shapes at
 M = B L (what this step can hope for); the floor uses the best rate, the ratio to the shape rate is also given.
 Each variant of the step is timed CUDA-synchronised, median of repeats after warm-up. The last line printed is
@@ -58,8 +60,9 @@ def step_cost(model, batch: int, length: int) -> dict:
     flops = 2 * tokens * n_mm + 4 * batch * length**2 * d * n_layers
     act = 2 * tokens * d * 12 * n_layers * 2  # ~12 (B, L, d) bf16 tensors per layer, each written and read
     bytes_ = 2 * n_mm + 4 * tokens * vocab + act
+    draw = 20 * tokens * vocab  # one-step update: float64 uniforms written and read (16 B) + float32 log-probs read
     shapes = [(tokens, p.shape[1], p.shape[0]) for _, p in mm]  # (M, K, N) of every matmul, repeats included
-    return {"flops": flops, "bytes": bytes_, "n_matmul_params": n_mm, "shapes": shapes}
+    return {"flops": flops, "bytes": bytes_, "draw_bytes": draw, "n_matmul_params": n_mm, "shapes": shapes}
 
 
 def cuda_graph(fn, *args):
@@ -95,15 +98,19 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(device, 2**30 if cuda else 2**24)
     floor_compute, floor_memory = cost["flops"] / r_peak, cost["bytes"] / bw
     floor = max(floor_compute, floor_memory)
+    step_floor = floor + cost["draw_bytes"] / bw  # the ancestral update's float64 draw, after the model call
     log(f"R_mm {r_peak / 1e12:.0f} TFLOP/s, BW {bw / 1e12:.2f} TB/s, floor {floor * 1e3:.3f} ms "
-        f"(compute {floor_compute * 1e3:.3f}, memory {floor_memory * 1e3:.3f})")
+        f"(compute {floor_compute * 1e3:.3f}, memory {floor_memory * 1e3:.3f}); "
+        f"with the draw {step_floor * 1e3:.3f} ms")
 
     x = torch.full((args.batch, length), dlm.mask_id, device=device)
     t = torch.ones(args.batch, device=device)
     variants: dict[str, float] = {}
 
-    def time_it(name, fn):
+    def time_it(name, fn=None, make=None):
+        """make: builds fn (a CUDA-graph capture) inside the try, so a capture that fails is reported too."""
         try:
+            fn = make() if make is not None else fn
             _, sec, _ = timed(fn, device=device, warmup=3, repeats=args.repeats)
         except Exception as e:  # a variant that does not run on this device/build is reported, not fatal
             log(f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
@@ -127,7 +134,7 @@ def main(argv=None) -> int:
         time_it("forward bf16 weights", lambda: half(x, t))
         time_it("sampler step bf16 weights", lambda: step(half, "fp32"))
         if cuda:
-            time_it("forward bf16 weights, CUDA graph", cuda_graph(half, x, t))
+            time_it("forward bf16 weights, CUDA graph", make=lambda: cuda_graph(half, x, t))
         if cuda:
             g_eager = GraphedDenoiser(half)
             time_it("sampler step bf16 weights, CUDA graph", lambda: step(g_eager, "fp32"))
@@ -135,7 +142,7 @@ def main(argv=None) -> int:
             comp = torch.compile(half)
             time_it("forward bf16 weights, compiled", lambda: comp(x, t))
             if cuda:
-                time_it("forward bf16 weights, compiled + CUDA graph", cuda_graph(comp, x, t))
+                time_it("forward bf16 weights, compiled + CUDA graph", make=lambda: cuda_graph(comp, x, t))
             time_it("sampler step bf16 weights, compiled", lambda: step(comp, "fp32"))
             if cuda:
                 g_comp = GraphedDenoiser(half, compile=True)
@@ -154,9 +161,11 @@ def main(argv=None) -> int:
     row = {"preset": args.preset, "batch": args.batch, "seq_len": length, **{k: cost[k] for k in
            ("flops", "bytes", "n_matmul_params")}, "matmul_rate_peak": r_peak, "matmul_time_model_shapes_s": t_shapes,
            "copy_bandwidth": bw, "floor_s": floor, "floor_compute_s": floor_compute, "floor_memory_s": floor_memory,
+           "draw_bytes": cost["draw_bytes"], "step_floor_s": step_floor,
            "variants_s": variants, "best_forward_s": best_fwd, "best_step_s": best_step,
            "best_forward_over_floor": best_fwd / floor if best_fwd else None,
            "best_step_over_floor": best_step / floor if best_step else None,
+           "best_step_over_step_floor": best_step / step_floor if best_step else None,
            **provenance(device)}
     if args.append:
         append_rows(Path(__file__).parent / "results" / f"roofline-{args.preset}.jsonl", [row])

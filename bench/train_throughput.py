@@ -57,10 +57,11 @@ def run_one(args, nproc: int, mode: str, out: Path, port: int) -> dict:
     windows = [r for r in logs if r.get("tokens_per_s")]
     kept = windows[1:] or windows  # the first window holds start-up and first-iteration costs
     tps = len(kept) / sum(1.0 / r["tokens_per_s"] for r in kept)  # equal tokens per window: pool the seconds
-    mfu = [r["mfu"] for r in kept if "mfu" in r]
+    per_token = [r["mfu"] / r["tokens_per_s"] for r in kept if r.get("mfu")]  # FLOPs per token / peak: constant
     return {"preset": args.preset, "world_size": nproc, "parallel": mode if nproc > 1 else "none",
             "steps": args.steps, "log_every": args.log_every, "tokens_per_s": tps,
-            "tokens_per_s_windows": [r["tokens_per_s"] for r in windows], "mfu": sum(mfu) / len(mfu) if mfu else None,
+            "tokens_per_s_windows": [r["tokens_per_s"] for r in windows],
+            "mfu": tps * per_token[0] if per_token else None,
             "wall_s": wall, "threads_per_process": args.threads, "overrides": args.overrides,
             "command": " ".join([f"OMP_NUM_THREADS={args.threads}", "python", *cmd[1:]]).replace(str(out), "OUT"),
             "device": args.device, **provenance(args.device, _device_name(args.device, args.threads))}

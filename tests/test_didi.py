@@ -375,3 +375,20 @@ def test_rgas_runs_on_the_fast_cuda_path(teacher, tmp_path):
                  "--hf", "none", "--device", "cuda", "--out", str(tmp_path / "b.json")]) == 0
     rows = [r for r in json.loads((tmp_path / "b.json").read_text()) if r.get("kind") == "mdlm"]
     assert {r["steps"] for r in rows} == {1, 4} and all(r["sampler"] == "rgas" and r["latency_s"] > 0 for r in rows)
+
+
+def test_student_is_sampled_and_scored_without_dropout_and_keeps_its_mode(teacher, tmp_path):
+    """With dropout in the student, the rollout and log P of the policy gradient are the same (eval-mode) law, and
+    the student is back in train mode after the step (common.evaluating)."""
+    from fewstep.distill.common import evaluating
+
+    run = prepare(didi_cfg(teacher, tmp_path / "d", disc_warmup=0), "cpu")
+    m = run["method"]
+    modes = []
+    m.student.register_forward_pre_hook(lambda mod, args: modes.append(mod.training))
+    m.student.train()
+    m.step(run["train"].batch(0, 4), 0)
+    assert modes and not any(modes) and m.student.training  # every student call of the step ran in eval mode
+    with pytest.raises(RuntimeError), evaluating(m.student, m.disc):
+        raise RuntimeError  # restored on the way out of an error too
+    assert m.student.training and m.disc.training

@@ -220,13 +220,16 @@ def test_divergences_match_closed_forms():
     log_p, log_q = torch.where(torch.stack([p, q]) > 0, torch.stack([p, q]).log(), -1e6)[:, None]  # SUBS log 0
     kl_pq = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
     kl_qp = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
-    mse = ((math.log(0.5) - math.log(0.9)) ** 2 + (math.log(0.5) - math.log(0.1)) ** 2) / 3
+    mse = ((math.log(0.5) - math.log(0.9)) ** 2 + (math.log(0.5) - math.log(0.1)) ** 2) / 2  # the 2 live tokens
     expect = {"kl_reverse": kl_pq, "kl_forward": kl_qp, "tvd": 0.4, "mse": mse}
     assert set(expect) == set(DIVERGENCES)
     for name, value in expect.items():
         got = DIVERGENCES[name](log_p, log_q)
         assert got.item() == pytest.approx(value, rel=1e-12), name
         assert DIVERGENCES[name](log_p, log_p).item() == pytest.approx(0.0, abs=1e-7)  # zero at equality
+    shifted = log_p.clone()
+    shifted[..., 2] -= 3.0  # SUBS: the mask column is NEG_INF minus each model's own log-normaliser
+    assert DIVERGENCES["mse"](shifted, log_q).item() == pytest.approx(mse, rel=1e-12)  # not part of either law
     two = DIVERGENCES["kl_reverse"](torch.cat([log_p, log_q]), torch.cat([log_q, log_q]))  # mean over positions
     assert two.item() == pytest.approx(kl_pq / 2, rel=1e-6)
     per = DIVERGENCES["kl_reverse"](torch.stack([log_p, log_q]), torch.stack([log_q, log_q]), reduction="none")

@@ -95,6 +95,7 @@ def test_end_to_end_report(experiment):
     assert sorted((r["kind"], r["epochs"]) for r in grid) == [("ar", 1), ("ar", 2), ("mdlm", 1), ("mdlm", 2)]
     assert all(r["val_bound"] == (r["kind"] == "mdlm") and r["val_nll"] > 0 for r in grid)
     assert {r["train_steps"] for r in grid} == {8, 16}  # 2048 tokens x epochs / (8 x 32) per step
+    assert sorted(r["epochs_seen"] for r in grid) == [1.0, 1.0, 2.0, 2.0]  # 64 blocks: exactly, no partial step
     gen = _rows(results / "samples.jsonl")
     assert [(r["name"], r["steps"]) for r in gen] == [("teacher", 1), ("teacher", 4), ("sdtt", 1), ("sdtt", 2),
                                                       ("AR", 32)]

@@ -131,6 +131,9 @@ def test_fused_draw_is_the_unfused_draw(temperature, monkeypatch):
                                             fused=fused)
     fused = draw(True)
     assert torch.equal(fused, draw(False)) and not (fused == 5).any()
+    one = lambda fused: sampling.draw_rows(log_p[7:8], temperature, generator=torch.Generator().manual_seed(3),
+                                           fused=fused)  # one row: drawn padded to two, the same token
+    assert torch.equal(one(True), one(False))
     model = _tiny_denoiser(time_cond=False)  # and inside the sampler
     kw = dict(batch=3, length=24, steps=4, mask_id=20, temperature=temperature)
     a = sample(model, LogLinear(), generator=torch.Generator().manual_seed(2), fused_draw=True, **kw)

@@ -222,6 +222,24 @@ def test_latest_skips_damaged_dirs_and_stale_pointer_and_save_cleans_leftovers(t
     assert not list(out.glob(".tmp_step_*")) and not list(out.glob(".del_*"))
 
 
+def test_pruning_keeps_the_new_checkpoint_whatever_damaged_dirs_lie_about(tmp_path):
+    """keep_last counts complete checkpoints up to the one just written: damaged dirs with higher step numbers (a
+    copy cut short, a changed ckpt_every) neither displace it nor get a good older one deleted."""
+    model = nn.Linear(2, 2)
+    save = lambda step, keep=2: checkpoint.save(tmp_path, step, modules={"model": model}, meta={}, keep_last=keep)
+    for step in (1, 2, 3):
+        save(step)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000002", "step_0000003"]
+    for step in (8, 9):  # damaged: no meta.json
+        (tmp_path / f"step_{step:07d}").mkdir()
+    save(4)
+    names = sorted(p.name for p in tmp_path.glob("step_*"))
+    assert names == ["step_0000003", "step_0000004", "step_0000008", "step_0000009"]
+    assert checkpoint.latest(tmp_path).name == "step_0000004"
+    save(5, keep=1)
+    assert sorted(p.name for p in tmp_path.glob("step_*") if checkpoint.complete(p)) == ["step_0000005"]
+
+
 def test_torn_log_line_from_a_kill_does_not_break_resume(tmp_path):
     out = tmp_path / "run"
     _toy_fit(out, 6)  # checkpoints at 4 and 6 (the last step); drop 6 so the log runs past the checkpoint

@@ -124,14 +124,17 @@ def save(run_dir: str | Path, step: int, *, modules: dict[str, nn.Module | dict]
             os.fsync(fh.fileno())
     _write_json(tmp / "meta.json", {**meta, "step": step, "state": state or {}, "optim": optim_info,
                                     "files": files})
+    _fsync_dir(tmp)  # its entries too: after a power loss the renamed directory must hold every file
     if final.exists():
         _remove(final)
     os.replace(tmp, final)
     _fsync_dir(run_dir)
     _test_pause()
     _write_json(run_dir / "latest", {"step": step, "dir": final.name})
-    steps = sorted((p for p in run_dir.glob("step_*") if p.is_dir()), key=_step_order)
-    for old in steps[:-keep_last] if keep_last > 0 else []:
+    # keep_last complete checkpoints, this one always among them; a damaged dir never displaces a good one
+    steps = sorted((p for p in run_dir.glob("step_*") if p.is_dir() and p != final and complete(p)
+                    and _step_order(p) < _step_order(final)), key=_step_order)
+    for old in steps[:-(keep_last - 1)] if keep_last > 1 else steps if keep_last == 1 else []:
         _remove(old)
     return final
 

@@ -32,7 +32,9 @@ from fewstep import checkpoint, parallel
 from fewstep.config import FewstepError, RunConfig, to_dict
 from fewstep.diffusion.sampling import autocast
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+# Dense bf16 tensor-core peaks; the first name found in the device name wins (PCIe and NVL H100s before SXM).
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -49,7 +51,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def total_steps(cfg: RunConfig, unique_tokens: int) -> int:
-    """max_steps, else the steps that show `unique_tokens` to the model `epochs` times."""
+    """max_steps, else the steps that show `unique_tokens` to the model `epochs` times, rounded up to a whole step
+    (the run's summary records the exact `epochs_seen`)."""
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     per_step = cfg.train.batch_size * cfg.model.seq_len
@@ -287,8 +290,10 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda"
                  and k in torch.cuda.get_device_name(device)), None)
     summary: dict = {"steps": total, "start_step": start, "skipped": 0}
+    if train_data is not None:  # whole steps: up to batch_size - 1 blocks past data.epochs (total_steps rounds up)
+        summary["epochs_seen"] = total * tc.batch_size / train_data.n_blocks
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, desc=out_dir.name)
-    t0, last_logs = time.perf_counter(), {}
+    t0, s0, last_logs = time.perf_counter(), start, {}  # the clock and the step it (re)started at
     for step in bar:
         lr = lr_at(step, total, tc)
         for name, opt in optims.items():
@@ -319,6 +324,9 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
             norm = torch.nn.utils.clip_grad_norm_(ps, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
             norms[name] = parallel.full(norm)  # the global norm (a replicated DTensor under FSDP)
         finite = torch.stack([torch.isfinite(v) for v in [*sums.values(), *norms.values()]]).all()
+        if world > 1:  # every rank takes the same decision, also when only one rank's loss is non-finite
+            finite = finite.to(torch.int32)
+            torch_dist.all_reduce(finite, op=torch_dist.ReduceOp.MIN)
         if not bool(finite):
             ok = False
             bad = ", ".join(f"{n}={float(v):.4g}" for n, v in sums.items())
@@ -347,13 +355,13 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
             row = {"step": done, "lr": lr, **{f"loss/{n}": float(v) for n, v in sums.items()},
                    **{f"grad_norm/{n}": float(v) for n, v in norms.items()},
                    **{k: float(v) for k, v in last_logs.items()},
-                   "tokens_per_s": tokens_per_step * tc.log_every / dt if done % tc.log_every == 0 else None}
+                   "tokens_per_s": tokens_per_step * (done - s0) / dt if done > s0 else None}
             if peak and fpt and row["tokens_per_s"]:
                 row["mfu"] = row["tokens_per_s"] * fpt / (peak * world)
             logger.log(row)
             bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items() if k.startswith("loss/")})
             summary.update(row)
-            t0 = time.perf_counter()
+            t0, s0 = time.perf_counter(), done
         if val_data is not None and hasattr(task, "validate") and (done % tc.eval_every == 0 or done == total):
             if rank == 0 or fsdp:  # a sharded forward needs every rank; they compute the same numbers
                 ema = emas.get(f"{next(iter(modules))}_ema")
@@ -371,10 +379,10 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
                 if rank == 0:
                     logger.log(row)
                 summary.update(row)
-            t0 = time.perf_counter()
+            t0, s0 = time.perf_counter(), done  # evaluation and saving are not training time
         if done % tc.ckpt_every == 0 or done == total:
             save(done)
-            t0 = time.perf_counter()
+            t0, s0 = time.perf_counter(), done
     if logger is not None:
         logger.close()
     summary["out_dir"] = str(out_dir)

@@ -87,6 +87,8 @@ class TokenBlocks:
             raise FewstepError(
                 f"the {split} split of {dir} has {used:,} tokens, fewer than one block of "
                 f"seq_len={seq_len}: corpus too small for this seq_len"
+                + (" (or rebuild it with data.val_fraction > 0: validation needs held-out blocks)"
+                   if split == "val" else "")
             )
         # (N, L) read-only view on disk; indexing it with an array of block ids copies just those rows
         self._blocks = np.memmap(path, dtype=dtype, mode="r", shape=(self._n, seq_len))

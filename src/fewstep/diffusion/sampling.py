@@ -95,6 +95,10 @@ def draw_rows(log_p: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
     for i in range(0, log_p.shape[0], n):
         if fused and top_p >= 1.0 and probs_fn is None:
             u = torch.rand(log_p[i : i + n].shape, dtype=torch.float64, device=log_p.device, generator=generator)
+            if u.shape[0] == 1:  # a 1-row input is a new specialisation of the compiled kernel: draw it as 2 rows
+                two = log_p[i : i + n].repeat(2, 1)[:2]  # a view, as every other chunk: the same guards
+                out.append(_fused_race()(two, u.repeat(2, 1), 1.0 / temperature)[:1])
+                continue
             out.append(_fused_race()(log_p[i : i + n], u, 1.0 / temperature))
             continue
         p = filter_probs(log_p[i : i + n], temperature, top_p)

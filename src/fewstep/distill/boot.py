@@ -54,7 +54,7 @@ import torch
 
 from fewstep.config import FewstepError
 from fewstep.diffusion.sampling import sample, time_grid
-from fewstep.distill.common import FixedPrediction, Halving, Setup
+from fewstep.distill.common import FixedPrediction, Halving, Setup, evaluating
 from fewstep.distill.divergences import get_divergence
 
 
@@ -94,12 +94,9 @@ class BOOT:
         B, L, dev = self.s.batch, self.s.seq_len, self.s.device
         if k == 0:
             return torch.full((B, L), self.s.mask_id, dtype=torch.long, device=dev)
-        was_training = self.student.training
-        self.student.eval()  # rollouts are samples: no dropout
-        x = sample(self.student, self.s.schedule, batch=B, length=L, steps=k, mask_id=self.s.mask_id,
-                   times=grid[: k + 1], device=dev)
-        self.student.train(was_training)
-        return x
+        with evaluating(self.student):  # rollouts are samples: no dropout
+            return sample(self.student, self.s.schedule, batch=B, length=L, steps=k, mask_id=self.s.mask_id,
+                          times=grid[: k + 1], device=dev)
 
     def step(self, batch, step: int):
         if batch is not None:

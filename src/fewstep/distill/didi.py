@@ -93,7 +93,7 @@ import torch.nn.functional as F
 from fewstep.config import FewstepError
 from fewstep.diffusion.mdlm import masked_nll, nelbo, q_xt, sample_t
 from fewstep.diffusion.sampling import sample, time_grid
-from fewstep.distill.common import Setup
+from fewstep.distill.common import Setup, evaluating
 from fewstep.distill.divergences import kl_forward, kl_reverse
 from fewstep.distill.rgas import Discriminator
 
@@ -179,9 +179,10 @@ class DiDi:
         """Student trajectories m -> z_tau -> x, G per group (one tau per group). tau: (B/G,) -> 2 x (B, L)."""
         z, x = [], []
         for tg in tau.tolist():
-            _, traj = sample(self.student, self.s.schedule, batch=self.cfg.group, length=self.s.seq_len, steps=2,
-                             mask_id=self.s.mask_id, times=torch.tensor([1.0, tg, 0.0], dtype=torch.float64),
-                             return_trajectory=True)
+            with evaluating(self.student):  # the law whose log P the policy gradient differentiates: no dropout
+                _, traj = sample(self.student, self.s.schedule, batch=self.cfg.group, length=self.s.seq_len,
+                                 steps=2, mask_id=self.s.mask_id,
+                                 times=torch.tensor([1.0, tg, 0.0], dtype=torch.float64), return_trajectory=True)
             z.append(traj[1])
             x.append(traj[2])
         return torch.cat(z), torch.cat(x)
@@ -190,8 +191,9 @@ class DiDi:
     def rollout_grid(self, batch: int) -> tuple[list[torch.Tensor], list[float]]:
         """The student's K-step ancestral trajectory on the uniform grid: K + 1 states (B, L) and their times."""
         K = self.cfg.student_steps
-        _, traj = sample(self.student, self.s.schedule, batch=batch, length=self.s.seq_len, steps=K,
-                         mask_id=self.s.mask_id, return_trajectory=True)
+        with evaluating(self.student):
+            _, traj = sample(self.student, self.s.schedule, batch=batch, length=self.s.seq_len, steps=K,
+                             mask_id=self.s.mask_id, return_trajectory=True)
         return traj, time_grid(K).tolist()
 
     @torch.no_grad()
@@ -222,7 +224,8 @@ class DiDi:
         for k in range(len(traj) - 1):
             z = traj[k][:1] if k == 0 else traj[k]  # the all-mask state: one prediction serves every sequence
             t = torch.as_tensor(times[k], dtype=torch.float32, device=dev).expand(B)[: z.shape[0]]
-            log_p = self.student(z, t)  # (B or 1, L, V)
+            with evaluating(self.student):  # the law the rollout sampled from (no dropout), with gradients
+                log_p = self.student(z, t)  # (B or 1, L, V)
             if self.cfg.match_weight > 0:
                 with torch.no_grad():
                     log_q = self.teacher(z, t)

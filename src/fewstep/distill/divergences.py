@@ -8,7 +8,7 @@ reduction="none" one value per position for any leading shape, (..., V) -> (...)
 
   kl_reverse  KL(p_student || p_target) = sum_v p_s(v) (log p_s(v) - log p_t(v))   mode-seeking, SDTT's default
   kl_forward  KL(p_target || p_student) = sum_v p_t(v) (log p_t(v) - log p_s(v))   mass-covering
-  mse         mean_v (log p_s(v) - log p_t(v))^2                                   in log space, as SDTT
+  mse         mean_v (log p_s(v) - log p_t(v))^2 over v with p_t(v) > 0             in log space, as SDTT
   tvd         1/2 sum_v |p_s(v) - p_t(v)|                                          total variation
 
 The target is never differentiated (callers pass it detached or computed under no_grad); these functions still
@@ -18,6 +18,8 @@ detach it, so a mistake cannot leak a gradient into a teacher.
 from __future__ import annotations
 
 import torch
+
+from fewstep.diffusion.mdlm import NEG_INF
 
 
 def _check(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
@@ -46,9 +48,13 @@ def kl_forward(log_s: torch.Tensor, log_t: torch.Tensor, reduction: str = "mean"
 
 
 def mse(log_s: torch.Tensor, log_t: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Mean over the vocabulary of the squared log-probability difference (F.mse_loss in SDTT). (..., V)."""
+    """Mean over the vocabulary of the squared log-probability difference (F.mse_loss in SDTT). (..., V).
+    Tokens the target gives probability 0 (SUBS's mask column, at NEG_INF minus a log-normaliser) are left out:
+    there the difference is the two normalisers' difference, a number that belongs to neither distribution."""
     log_t = _check(log_s, log_t)
-    return _reduce((log_s - log_t).pow(2).mean(-1), reduction)
+    live = log_t > 0.5 * NEG_INF  # (..., V)
+    sq = torch.where(live, (log_s - log_t).pow(2), torch.zeros_like(log_s))
+    return _reduce(sq.sum(-1) / live.sum(-1).clamp_min(1), reduction)
 
 
 def tvd(log_s: torch.Tensor, log_t: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -71,7 +71,7 @@ from fewstep.config import FewstepError
 from fewstep.diffusion.mdlm import sample_t
 from fewstep.diffusion.sampling import sample_categorical
 from fewstep.diffusion.schedule import weight
-from fewstep.distill.common import Setup
+from fewstep.distill.common import Setup, evaluating
 
 
 def soft_uniform_terms(xbar_theta: torch.Tensor, xbar: torch.Tensor, z_t: torch.Tensor, alpha_t: torch.Tensor,
@@ -206,8 +206,9 @@ class IDLM:
         from fewstep.diffusion.sampling import sample, time_grid
 
         K = self.cfg.student_steps
-        _, traj = sample(self.student, self.s.schedule, batch=B, length=self.s.seq_len, steps=K,
-                         mask_id=self.s.mask_id, return_trajectory=True)
+        with evaluating(self.student):
+            _, traj = sample(self.student, self.s.schedule, batch=B, length=self.s.seq_len, steps=K,
+                             mask_id=self.s.mask_id, return_trajectory=True)
         k = torch.randint(0, K, (B,), device=dev)
         x_t = torch.stack(traj[:K])[k, torch.arange(B, device=dev)]  # (B, L)
         return x_t, time_grid(K).to(dev, torch.float32)[k]
@@ -253,7 +254,7 @@ class IDLM:
         surrogate is the difference itself, plus `context_score` when method.context_grad."""
         t = sample_t(probs.shape[0], probs.device, eps=self.cfg.loss_eps)
         z, x_in = self.corrupt(probs, t)
-        with torch.set_grad_enabled(self.gaussian and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(self.gaussian and torch.is_grad_enabled()), evaluating(self.fake):
             log_t, log_f = (self.denoise(m, x_in, t, frozen=True) for m in (self.teacher, self.fake))
         d = self.loss(log_t, probs, z, t) - self.loss(log_f, probs, z, t)  # (B, L)
         value = d.sum(-1)  # (B,)

@@ -34,7 +34,7 @@ import torch
 from fewstep.config import FewstepError
 from fewstep.diffusion.sampling import sample
 from fewstep.distill.ar_teacher import ARDistillation, forward_kl, top_k_targets
-from fewstep.distill.common import Setup
+from fewstep.distill.common import Setup, evaluating
 
 
 class OnPolicy(ARDistillation):
@@ -75,9 +75,10 @@ class OnPolicy(ARDistillation):
             times.append(t)
 
         c = self.cfg
-        x = sample(self.student, self.s.schedule, batch=self.s.batch, length=self.s.seq_len, steps=c.decode_steps,
-                   mask_id=self.s.mask_id, temperature=c.temperature, unmask=c.unmask, block=c.block,
-                   generator=generator, device=self.s.device, on_step=keep)
+        with evaluating(self.student):  # its own sampling law: no dropout
+            x = sample(self.student, self.s.schedule, batch=self.s.batch, length=self.s.seq_len,
+                       steps=c.decode_steps, mask_id=self.s.mask_id, temperature=c.temperature, unmask=c.unmask,
+                       block=c.block, generator=generator, device=self.s.device, on_step=keep)
         return x, torch.stack(states), torch.tensor(times, device=x.device)
 
     def step(self, batch, step: int):

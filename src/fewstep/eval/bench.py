@@ -222,7 +222,7 @@ def bench_models(preset: str | None, ckpt: str | None, ar_ckpt: str | None, hf: 
 
 
 def _ints(s: str) -> list[int]:
-    return [int(v) for v in str(s).split(",") if v.strip()]
+    return [] if str(s).strip() == "none" else [int(v) for v in str(s).split(",") if v.strip()]
 
 
 def add_args(p) -> None:
@@ -235,7 +235,7 @@ def add_args(p) -> None:
                    "'smollm2', 'hf:<id>' or 'none'; default: random with a preset when transformers is installed")
     for name, help_ in [("steps", "DLM step grid"), ("batches", "batch sizes"), ("lengths", "length sweep"),
                         ("sweep-steps", "DLM steps in the length sweep")]:
-        p.add_argument(f"--{name}", default=None, help=f"{help_}, comma-separated (default: the preset's)")
+        p.add_argument(f"--{name}", default=None, help=f"{help_}, comma-separated, or none (default: the preset's)")
     p.add_argument("--length", type=int, default=None, help="generated tokens per sequence")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -42,7 +43,10 @@ def device_name(device) -> str:
 
 
 def git_sha() -> str:
-    """Short commit of the working tree, with "+dirty" when it has uncommitted changes; "unknown" outside git."""
+    """Short commit of the working tree, with "+dirty" when it has uncommitted changes; "unknown" outside git.
+    FEWSTEP_GIT_SHA overrides it, for a copy of the tree without its .git (e.g. on a remote GPU machine)."""
+    if os.environ.get("FEWSTEP_GIT_SHA"):
+        return os.environ["FEWSTEP_GIT_SHA"]
     root = Path(__file__).resolve().parents[3]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,

@@ -99,7 +99,8 @@ class Runner:
         s = self.stage(f"train/{name}", to_dict(cfg), lambda: pretrain(cfg), all_ranks=True, out=cfg.train.out_dir)
         return {"ckpt": cfg.train.out_dir, "fp": self.fp[cfg.train.out_dir], "kind": kind,
                 "unique_tokens": unique_tokens, "epochs": epochs,
-                "train_steps": s["steps"], "params": s.get("params"), "train_seconds": s.get("stage_seconds")}
+                "train_steps": s["steps"], "epochs_seen": s.get("epochs_seen"), "params": s.get("params"),
+                "train_seconds": s.get("stage_seconds")}
 
     def validate(self, run: dict, name: str) -> dict:
         def fn():
