@@ -129,6 +129,7 @@ def test_cloze_accuracy_is_greedy_match_and_ppl_is_per_token(kind):
     assert out["acc"] == 0.5 and out["n_items"] == 2
     lp = 3 * math.log(0.9) + math.log(0.9) + math.log(0.1 / 256)
     assert out["ppl"] == pytest.approx(math.exp(-lp / 5), rel=0.05 if kind == "mdlm" else 1e-6)
+    assert out["ppl_word"] == pytest.approx(math.exp(-lp / 2), rel=0.1 if kind == "mdlm" else 1e-6)  # per item
 
 
 def test_run_task_specs(tmp_path):

@@ -1,10 +1,12 @@
 """Zero-shot tasks scored by likelihood: multiple choice (HellaSwag / MMLU format) and last-word cloze (LAMBADA).
 
 Multiple choice: pick the ending with the highest log p(ending | context); `acc` compares sums, `acc_norm`
-compares sums divided by the ending's length in characters (lm-evaluation-harness's acc_norm uses bytes).
-Cloze: LAMBADA's two numbers, `acc` (greedy decoding reproduces the target word) and `ppl` (perplexity of the
-target tokens). For a DLM, log p is the NELBO lower bound with the context never masked (eval/likelihood.py),
-estimated with `mc` time samples, the endings of one item sharing their noise; for AR it is exact.
+compares sums divided by the ending's length in characters (as lm-evaluation-harness's acc_norm).
+Cloze: LAMBADA's numbers, `acc` (greedy decoding reproduces the target word), `ppl` (perplexity per target
+token) and `ppl_word` (per target word: exp of minus the mean log p(target | context) over items, which is
+lm-evaluation-harness's LAMBADA perplexity). For a DLM, log p is the NELBO lower bound with the context never
+masked (eval/likelihood.py), estimated with `mc` time samples, the endings of one item sharing their noise; for
+AR it is exact.
 
 Offline, items are built from held-out documents of our own corpus (the 'val' split, never trained on):
   cloze   the last word of a held-out paragraph (trailing punctuation dropped), the rest as context;
@@ -209,7 +211,8 @@ def score_cloze(model, meta, tokenizer, items: list[ClozeItem], *, mc: int = 32,
                                       seed=seed, batch_size=batch_size, greedy=True, device=device)
     n_tok = sum(len(b) for _, b in pairs)
     return {"acc": float(greedy.double().mean()) if len(items) else 0.0,
-            "ppl": math.exp(min(-float(lp.sum()) / max(n_tok, 1), 50.0)), "n_items": len(items)}
+            "ppl": math.exp(min(-float(lp.sum()) / max(n_tok, 1), 50.0)),
+            "ppl_word": math.exp(min(-float(lp.sum()) / max(len(items), 1), 50.0)), "n_items": len(items)}
 
 
 def run_task(spec: str, model, meta, tokenizer, *, n: int = 200, mc: int = 32, seed: int = 0, data_dir=None,
