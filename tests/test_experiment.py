@@ -283,19 +283,30 @@ def all_methods_experiment(pydoc_data, tmp_path) -> dict:
     return run_experiment(str(tmp_path / "ci.toml"), log=lambda msg: None)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_every_method_of_the_small_preset_runs_on_cuda(pydoc_data, tmp_path):
-    """What the small experiment does on a GPU (bf16 training, CUDA-graphed and fused-draw sampling, RGAS, TCS's
-    Taylor targets), at toy sizes: every stage runs and every measurement is finite and on CUDA."""
+def check_every_method_runs(pydoc_data, tmp_path, device: str) -> None:
     out = all_methods_experiment(pydoc_data, tmp_path)
     assert {s.split("/")[1] for s in out["stages_run"] if s.startswith("distill/")} == {
         f"{m}_2048x1" for m in ("sdtt", "boot", "idlm", "didi", "tcs")}
     gen = _rows(tmp_path / "results" / "samples.jsonl")
     assert {r["name"] for r in gen} == {"teacher", "sdtt", "boot", "idlm", "didi", "didi+RGAS", "tcs", "AR"}
-    assert all(r["device"].startswith("cuda") and math.isfinite(r["gen_ppl"]) for r in gen)
+    assert all(r["device"].startswith(device) and math.isfinite(r["gen_ppl"]) for r in gen)
     bench = _rows(tmp_path / "results" / "bench.jsonl")
-    assert bench and all(r["latency_s"] > 0 and str(r["device"]).startswith("cuda") for r in bench)
+    assert bench and all(r["latency_s"] > 0 and str(r["device"]).startswith(device) for r in bench)
+    assert len([r for r in bench if r["kind"] == "ar"]) == 1  # one AR timing for the whole group
+
+
+def test_every_method_of_the_small_preset_runs_here(pydoc_data, tmp_path):
+    """The small preset's method list (sdtt boot idlm didi tcs, RGAS rows) through the experiment at toy sizes on
+    this machine's device (CPU in CI): every stage runs and every measurement is finite."""
+    check_every_method_runs(pydoc_data, tmp_path, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_method_of_the_small_preset_runs_on_cuda(pydoc_data, tmp_path):
+    """What the small experiment does on a GPU (bf16 training, CUDA-graphed and fused-draw sampling, RGAS, TCS's
+    Taylor targets), at toy sizes: every stage runs and every measurement is finite and on CUDA."""
+    check_every_method_runs(pydoc_data, tmp_path, "cuda")
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -377,3 +388,24 @@ def test_crossover_is_ar_ahead_then_mdlm_ahead_only():
     assert not c["crossover"] and c["verdict"].startswith("mixed: MDLM (bound) ahead at E=1")
     (c,) = crossover(grid([2.0, 1.9, 1.8], [1.9, 1.8, 1.9]))
     assert not c["crossover"] and c["mdlm_ahead"] == [True, True, False]
+
+
+def test_gpt2_tokens_with_a_trained_judge_as_the_small_preset(tmp_path):
+    """The small preset's data and judge path at toy sizes: GPT-2 BPE tokens and judge.spec = "train" (an AR judge
+    trained on the budget). The judge reads the generator's own tokenizer, so samples reach it as generated ids:
+    nothing is retokenized or cut to its context."""
+    from fewstep.config import DataConfig
+    from fewstep.data import build
+
+    data = tmp_path / "pydoc-gpt2"
+    build(DataConfig(corpus="pydoc", tokenizer="gpt2", dir=str(data)))
+    cfg = REDUCED.format(runs=tmp_path / "runs", results=tmp_path / "results", data=data, index="")
+    cfg = cfg.replace('tokenizer = "byte"', 'tokenizer = "gpt2"').replace("epochs = [1, 2]", "epochs = [1]")
+    cfg = cfg.replace('spec = "best_ar"', 'spec = "train"\nunique_tokens = 2048\nepochs = 1')
+    (tmp_path / "ci.toml").write_text(cfg)
+    out = run_experiment(str(tmp_path / "ci.toml"), log=lambda msg: None)
+    assert "train/judge" in out["stages_run"]
+    gen = _rows(tmp_path / "results" / "samples.jsonl")
+    assert {r["name"] for r in gen} == {"teacher", "sdtt", "AR"}
+    assert all(r["judge"].endswith("train/judge") and r["judge_truncated"] == 0 for r in gen)
+    assert all(0 < r["judge_tokens"] <= 4 * 32 and 1 < r["gen_ppl"] for r in gen)
