@@ -53,6 +53,10 @@ def test_unknown_preset_and_key(capsys):
     assert "unknown config key 'train.learning_rate'" in capsys.readouterr().err
     assert main(["train", "--train.lr=fast"]) == 2
     assert "train.lr: expected float" in capsys.readouterr().err
+    for argv in (["eval", "--ckpt", "no/such/run", "--steps", "1,x"], ["demo", "--steps", "4,sixteen"]):
+        assert main(argv) == 2  # parsed before any checkpoint is read or any model trained
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "expected comma-separated integers" in err[0], err
 
 
 def test_checkpoint_shape_mismatch_is_one_line(pydoc_data, tmp_path):

@@ -193,6 +193,9 @@ def test_val_ppl_exact_for_ar_and_bound_for_dlm(pydoc_data):
     exact = float(-probs.log()[x].mean())
     assert out["val_bound"] and out["val_mc"] == 64 and out["val_tokens"] == x.numel()
     assert out["val_nll"] == pytest.approx(exact, rel=0.03)
+    wrong = {**meta_for("ar", 32, 256, pydoc_data), "data": {"eos_id": 50256, "tokenizer": "gpt2", "dir": "x"}}
+    with pytest.raises(FewstepError, match="tokenizer='byte' but the model was trained with 'gpt2'"):
+        val_ppl(ar, wrong, str(pydoc_data), batch_size=4, max_batches=1)  # another data dir's tokens: one line
 
 
 # ------------------------------------------------------------------------------------------- fewstep eval

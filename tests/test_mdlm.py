@@ -247,6 +247,19 @@ def test_transformer_forward_is_head_of_hidden_and_hidden_takes_embeddings():
     torch.testing.assert_close(net.hidden(net.embed(x), t), h)  # (B, L, D) input embeddings, e.g. soft tokens
 
 
+def test_time_conditioned_transformer_starts_as_its_unconditioned_twin():
+    """adaLN-zero: every modulation (each block's and the final one) starts at zero, so a fresh time-conditioned
+    network is the same function at every t as the unconditioned network with the same shared weights."""
+    torch.manual_seed(0)
+    net = Transformer(21, 24, 32, 2, 2, time_cond=True)
+    assert all(p.abs().max() == 0 for n, p in net.named_parameters() if "ada" in n)
+    plain = Transformer(21, 24, 32, 2, 2)
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if k in plain.state_dict()})
+    x = torch.randint(0, 21, (2, 24))
+    for t in (0.05, 0.5, 0.95):
+        assert torch.equal(net(x, torch.full((2,), t)), plain(x))
+
+
 def test_nelbo_masked_rows_runs_through_the_compiled_call():
     """masked_only is a flag of forward, so in-place Module.compile() (train.compile) wraps the masked-rows path."""
     from torch._dynamo.testing import CompileCounter

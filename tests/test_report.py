@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fewstep.config import FewstepError
-from fewstep.report import load_results, markdown_table, plot, write_report
+from fewstep.report import line_labels, load_results, markdown_table, plot, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -53,6 +53,10 @@ def test_load_results_reads_json_jsonl_and_folders(result_files, tmp_path):
     bad.write_text("[1, 2]\n")
     with pytest.raises(FewstepError):
         load_results(bad)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"name": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(FewstepError, match="cannot read it as UTF-8"):
+        load_results(latin)
 
 
 def test_markdown_table_has_values_and_blanks():
@@ -98,3 +102,14 @@ def test_write_report(result_files, tmp_path):
     empty.write_text("")
     with pytest.raises(FewstepError):
         write_report([empty], tmp_path / "r2")
+
+
+def test_one_model_under_several_settings_gets_one_line_per_setting():
+    """Rows of one name that differ in a setting (greedy tail, sampler, temperature, seed, length, ...) are labelled
+    apart, so a plot never joins them into one zig-zag line; a constant setting adds nothing to the label."""
+    rows = [{"name": "m", "steps": k, "greedy_tail": g, "seq_len": 128, "temperature": 1.0}
+            for g in (False, True) for k in (1, 4)] + [{"name": "ar", "steps": 128, "seq_len": 128}]
+    assert line_labels(rows, "steps") == ["m (greedy tail=False)"] * 2 + ["m (greedy tail=True)"] * 2 + ["ar"]
+    sweep = [{"name": "m", "seq_len": n, "steps": 1} for n in (64, 128)]
+    assert line_labels(sweep, "seq_len") == ["m", "m"]  # the x axis itself never splits a line
+    assert line_labels(sweep, "steps") == ["m (L=64)", "m (L=128)"]

@@ -168,6 +168,12 @@ def test_adapter_answers_the_three_request_types(kind):
     assert gen == ["      ", ""]  # greedy: ' ' every time; the second stops at the first "  "
     sampled = lm.generate_until([Req("q", {"max_gen_toks": 8, "do_sample": True, "temperature": 1.0})])[0]
     assert "a" in sampled and sampled != gen[0]  # sampling (seeded) is not greedy: 'a' shows up
+    assert lm.generate_until([Req("q", {"max_gen_toks": 8, "do_sample": True})])[0] == sampled  # T = 1 default
+    probs = torch.full((257,), 0.1 / 256)
+    probs[256] = 0.9  # EOS is the likeliest token: the answer ends there, nothing of the next document follows
+    eos_lm = FewstepLM(model=Unigram(probs.tolist(), denoiser=kind == "mdlm"), meta=meta_for(kind, 16, eos=256),
+                       tokenizer=BYTE, mc=4)
+    assert eos_lm.generate_until([Req("q", {"until": ["\n"], "max_gen_toks": 6})]) == [""]
 
 
 def test_harness_class_registers_with_lm_eval(monkeypatch):

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import NoReturn
 
-from fewstep.config import FewstepError
+from fewstep.config import FewstepError, int_list
 
 
 def _cfg(args):
@@ -117,7 +117,7 @@ def cmd_eval(args) -> None:
     _no_overrides(args)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     rows = evaluate_checkpoint(
-        args.ckpt, steps=[int(s) for s in args.steps.split(",")], n=args.n, batch=args.batch, judge=args.judge,
+        args.ckpt, steps=int_list(args.steps, "--steps"), n=args.n, batch=args.batch, judge=args.judge,
         greedy_tail=args.greedy_tail, val_batches=args.val_batches, val_mc=args.val_mc,
         tasks=[t for t in args.tasks.split(",") if t], task_n=args.task_n, task_mc=args.task_mc, seed=args.seed,
         precision=args.precision, device=args.device, data_dir=args.data_dir, name=args.name, log=log)

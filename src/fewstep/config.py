@@ -14,13 +14,24 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package
+    import tomli as tomllib
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 class FewstepError(Exception):
     """A user-facing error: the CLI prints its message on one line and exits non-zero."""
+
+
+def int_list(text: str, what: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]; anything else is one clear line naming the option."""
+    try:
+        return [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise FewstepError(f"{what}={text!r}: expected comma-separated integers such as 1,4,16") from None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 def run_demo(out_dir: str = "runs/demo", overrides: list[str] = (), steps: str = "1,4,16,64", n: int = 16,
              device: str = "cpu") -> list[dict]:
     from fewstep.checkpoint import load_model
-    from fewstep.config import load
+    from fewstep.config import int_list, load
     from fewstep.data import ensure, get_tokenizer
     from fewstep.eval.harness import sample_eval
     from fewstep.eval.judge import ar_judge
@@ -24,6 +24,7 @@ def run_demo(out_dir: str = "runs/demo", overrides: list[str] = (), steps: str =
     from fewstep.report import markdown_table, plot
 
     t_start = time.perf_counter()
+    step_list = int_list(steps, "--steps")  # before minutes of training, not after
     out = Path(out_dir)
     cfgs = {kind: load(f"tiny_{kind}", [f"--train.out_dir={out / kind}", *overrides]) for kind in ("mdlm", "ar")}
     print(f"[1/4] data: {cfgs['mdlm'].data.corpus} corpus, {cfgs['mdlm'].data.tokenizer} tokens "
@@ -40,7 +41,7 @@ def run_demo(out_dir: str = "runs/demo", overrides: list[str] = (), steps: str =
     ar_model, ar_meta = models["ar"]
     judge = ar_judge(ar_model, ar_meta, name="tiny AR (ours)")
     rows = []
-    for k in [int(s) for s in steps.split(",")]:
+    for k in step_list:
         rows.append(sample_eval(*models["mdlm"], steps=k, n=n, tokenizer=tok, judge=judge, name="MDLM tiny"))
     # AR ignores steps (its row records the generated length); 1 passes the sampling-argument check
     rows.append(sample_eval(*models["ar"], steps=1, n=n, tokenizer=tok, judge=judge, name="AR tiny"))

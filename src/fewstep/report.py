@@ -46,7 +46,10 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> list[dict]:
             raise FewstepError(f"result file {str(p)!r} does not exist")
     rows: list[dict] = []
     for f in files:
-        text = f.read_text()
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise FewstepError(f"{f}: cannot read it as UTF-8 text ({e})") from None
         try:
             if f.suffix == ".jsonl":
                 objs = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -103,6 +106,26 @@ def _num(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# Settings that split one model's rows into separate lines when they vary (short names for the legend).
+LINE_SETTINGS = {"seq_len": "L", "batch": "B", "sampler": "sampler", "greedy_tail": "greedy tail",
+                 "temperature": "T", "precision": "precision", "seed": "seed"}
+
+
+def line_labels(rows: list[dict], x_key: str) -> list[str]:
+    """A legend label per row: its name, plus the settings that vary among the rows of that name (x_key aside),
+    so one model measured under several settings gives one line per setting, never a zig-zag through them."""
+    seen: dict[object, dict[str, set]] = {}  # per name: the values each setting takes
+    for r in rows:
+        for k in LINE_SETTINGS:
+            seen.setdefault(r.get("name"), {}).setdefault(k, set()).add(repr(r.get(k)))
+    out = []
+    for r in rows:
+        label = str(r.get("name") or r.get("method") or r.get("kind") or "?")
+        vary = [k for k, v in seen[r.get("name")].items() if len(v) > 1 and k != x_key]
+        out.append(label + (" (" + ", ".join(f"{LINE_SETTINGS[k]}={r.get(k)}" for k in vary) + ")" if vary else ""))
+    return out
+
+
 def plot(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
     """Write one PNG per entry of PLOTS that has data, one line per model name; returns the paths written."""
     import matplotlib
@@ -117,15 +140,9 @@ def plot(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
     for xk, yk, title, fname, logx, logy in PLOTS:
         sweep = xk == "seq_len"
         use = [r for r in rows if _num(r.get(yk)) and (r.get("kind") in SWEEP_KINDS) == sweep]
-        seq_lens: dict[object, set] = {}
-        for r in use:
-            seq_lens.setdefault(r.get("name"), set()).add(r.get("seq_len"))
         lines: dict[str, list[tuple[float, float]]] = {}
         refs: dict[str, float] = {}  # rows with y but no x (e.g. an AR baseline): dashed horizontal line
-        for r in use:
-            label = str(r.get("name") or r.get("method") or r.get("kind") or "?")
-            if not sweep and len(seq_lens[r.get("name")]) > 1:  # same model at several lengths: one line each
-                label += f" (L={r.get('seq_len')})"
+        for r, label in zip(use, line_labels(use, xk), strict=True):
             if _num(r.get(xk)):
                 lines.setdefault(label, []).append((float(r[xk]), float(r[yk])))
             elif not sweep:
@@ -167,7 +184,7 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
     md = ["# Results", "", markdown_table(rows)]
     md += [f"![{p.stem}]({p.name})\n" for p in pngs]
     md_path = out_dir / "results.md"
-    md_path.write_text("\n".join(md))
+    md_path.write_text("\n".join(md), encoding="utf-8")
     return {"rows": len(rows), "markdown": md_path, "plots": pngs}
 
 

@@ -59,7 +59,7 @@ def _batches(idx: np.ndarray, sources: list[Source], desc: str) -> Iterator[list
             for i, k in zip(chunk.tolist(), owner.tolist(), strict=True):
                 src = sources[k]
                 text = src.docs[i - offsets[k]]
-                if text.strip():  # lazily read datasets may hold empty rows
+                if isinstance(text, str) and text.strip():  # lazily read datasets may hold empty or null rows
                     texts.append(text)
                     src.n_docs, src.n_chars = src.n_docs + 1, src.n_chars + len(text)
             yield texts

@@ -46,6 +46,17 @@ def write_tokens(path: Path, batches: Iterable[list[str]], tok: Tokenizer) -> tu
     return n_tokens, dtype
 
 
+def check_tokens(dir: str | os.PathLike, data_meta: dict, dir_meta: dict | None = None) -> None:
+    """One line when the data dir's tokens are not the model's (a checkpoint's meta["data"]): another tokenizer or
+    vocabulary would index the embedding with foreign ids, or silently score the wrong text."""
+    dm = dir_meta or load_meta(dir)
+    for key in ("tokenizer", "vocab_size", "eos_id"):
+        if key in data_meta and dm.get(key) != data_meta[key]:
+            raise FewstepError(f"data dir {dir} has {key}={dm.get(key)!r} but the model was trained with "
+                               f"{data_meta[key]!r}: give a data dir built with tokenizer "
+                               f"{data_meta.get('tokenizer')!r}")
+
+
 def load_meta(dir: str | os.PathLike) -> dict:
     """The ``meta.json`` of a built data dir."""
     path = Path(dir).expanduser() / "meta.json"

@@ -150,14 +150,14 @@ def main(argv=None) -> int:
                    help="'off': rows without greedy tail only (half the sampling)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    from fewstep.config import FewstepError
+    from fewstep.config import FewstepError, int_list
 
     try:
         students = dict(s.split("=", 1) for s in a.student)
-        seeds = [int(x) for x in a.seed.split(",")]
+        seeds = int_list(a.seed, "--seed")
         rows = compare(a.teacher, students, a.judge, n=a.n, batch=a.batch, seed=seeds, device=a.device,
-                       teacher_steps=[int(x) for x in a.teacher_steps.split(",")],
-                       student_steps=[int(x) for x in a.student_steps.split(",")], temperature=a.temperature,
+                       teacher_steps=int_list(a.teacher_steps, "--teacher-steps"),
+                       student_steps=int_list(a.student_steps, "--student-steps"), temperature=a.temperature,
                        rgas=a.rgas, greedy_tail=a.greedy_tail == "both", out=a.out)
     except (FewstepError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -221,8 +221,10 @@ def bench_models(preset: str | None, ckpt: str | None, ar_ckpt: str | None, hf: 
     return dlm, ar, lm, info
 
 
-def _ints(s: str) -> list[int]:
-    return [] if str(s).strip() == "none" else [int(v) for v in str(s).split(",") if v.strip()]
+def _ints(s: str, what: str = "a grid option") -> list[int]:
+    from fewstep.config import int_list
+
+    return [] if str(s).strip() == "none" else int_list(s, what)
 
 
 def add_args(p) -> None:

@@ -58,6 +58,7 @@ def val_ppl(model, meta: dict, data_dir: str | None = None, *, batch_size: int =
             mc: int = 4, device=None, precision: str = "fp32") -> dict:
     """Validation NLL/PPL on the held-out split (NELBO bound for DLMs with `mc` time samples, exact for AR)."""
     from fewstep.data import TokenBlocks
+    from fewstep.data.stream import check_tokens
     from fewstep.train import evaluate
 
     device = torch.device(device) if device is not None else module_device(model)
@@ -67,6 +68,7 @@ def val_ppl(model, meta: dict, data_dir: str | None = None, *, batch_size: int =
         task = _MonteCarlo(task, mc)
     seq_len = meta["model"]["seq_len"]
     val = TokenBlocks(data_dir or meta["data"]["dir"], "val", seq_len)
+    check_tokens(data_dir or meta["data"]["dir"], meta["data"], val.meta)
     was_training = model.training
     model.eval()
     try:

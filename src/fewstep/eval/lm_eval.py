@@ -100,7 +100,7 @@ class FewstepLM:
                 from fewstep.ar import ar_sample
 
                 out = ar_sample(self.model, batch=1, length=n, bos_id=eos, prompt=x, generator=gen,
-                                temperature=float(kw["temperature"]), top_p=float(kw.get("top_p", 1.0)),
+                                temperature=float(kw.get("temperature", 1.0)), top_p=float(kw.get("top_p", 1.0)),
                                 device=self.device)
                 return out[0].tolist()
             cache = self.model.new_cache(1, x.shape[1] + n, self.device)
@@ -108,6 +108,8 @@ class FewstepLM:
             for _ in range(n):
                 nxt = logits[:, -1].argmax(-1)  # (1,)
                 new.append(int(nxt))
+                if new[-1] == eos:  # the end of the document: generation stops there
+                    break
                 logits = self.model(nxt[:, None], cache=cache)
             return new
         ctx = [eos, *ctx][-(self.seq_len - n) :]
@@ -118,7 +120,7 @@ class FewstepLM:
 
             out = dlm_sample(self.model, objective(self.model, self.meta).schedule, batch=1, length=x.shape[1],
                              steps=self.steps or n, mask_id=self.model.mask_id, x_init=x, generator=gen,
-                             temperature=float(kw["temperature"]), top_p=float(kw.get("top_p", 1.0)),
+                             temperature=float(kw.get("temperature", 1.0)), top_p=float(kw.get("top_p", 1.0)),
                              device=self.device)
         else:
             fill = torch.zeros_like(x, dtype=torch.bool)
@@ -133,7 +135,9 @@ class FewstepLM:
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             n = min(int(kw.get("max_gen_toks", 64)), self.seq_len - 1)
-            text = self.tok.decode(self._generate(self.tok.encode(ctx), n, kw))
+            ids = self._generate(self.tok.encode(ctx), n, kw)
+            eos = self.meta["data"]["eos_id"]
+            text = self.tok.decode(ids[: ids.index(eos)] if eos in ids else ids)  # EOS ends the answer (lm-eval)
             cut = [text.index(u) for u in until if u and u in text]
             out.append(text[: min(cut)] if cut else text)
             self._cache("generate_until", r.args, out[-1])

@@ -221,6 +221,9 @@ def run_task(spec: str, model, meta, tokenizer, *, n: int = 200, mc: int = 32, s
     where <src> is a JSONL path or hf:<dataset>[:config][@split]."""
     kind, _, source = spec.partition(":")
     if kind in ("cloze", "mc") and not source:
+        from fewstep.data.stream import check_tokens
+
+        check_tokens(data_dir or meta["data"]["dir"], meta["data"])
         docs = heldout_documents(data_dir or meta["data"]["dir"], tokenizer, max_docs=max(2000, 20 * n))
         if kind == "cloze":
             items = cloze_from_documents(docs, n, seed=seed)

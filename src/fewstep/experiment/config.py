@@ -12,9 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
-
-from fewstep.config import CONFIG_DIR, FewstepError, RunConfig, _coerce, _parse_scalar, check, from_dict
+from fewstep.config import CONFIG_DIR, FewstepError, RunConfig, _coerce, _parse_scalar, check, from_dict, tomllib
 
 MDLM_METHODS = ["sdtt", "boot", "idlm", "didi"]  # the registered methods that distill an MDLM teacher
 SECTIONS = ("experiment", "data", "model", "train", "judge", "distill", "eval")

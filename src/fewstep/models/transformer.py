@@ -117,11 +117,9 @@ class Block(nn.Module):
             nn.Linear(mlp_ratio * d_model, d_model, bias=False),
         )
         self.drop = nn.Dropout(dropout)
-        # adaLN: (shift, scale, gate) for attention and MLP, zero-initialised around the identity.
+        # adaLN: (shift, scale, gate) for attention and MLP, zero-initialised around the identity (by Transformer,
+        # after its own init of every Linear).
         self.ada = nn.Linear(cond_dim, 6 * d_model) if cond_dim else None
-        if self.ada is not None:
-            nn.init.zeros_(self.ada.weight)
-            nn.init.zeros_(self.ada.bias)
 
     def forward(self, x, c, cos, sin, cache, layer):
         if self.ada is None:
@@ -159,9 +157,10 @@ class Transformer(nn.Module):
         self.ada_out = nn.Linear(d_model, 2 * d_model) if time_cond else None
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.apply(self._init)
-        if self.ada_out is not None:
-            nn.init.zeros_(self.ada_out.weight)
-            nn.init.zeros_(self.ada_out.bias)
+        for ada in [self.ada_out, *(block.ada for block in self.blocks)]:  # adaLN-zero: the identity at any t
+            if ada is not None:
+                nn.init.zeros_(ada.weight)
+                nn.init.zeros_(ada.bias)
         for block in self.blocks:  # GPT-2 scaled init of residual projections
             for w in (block.attn.proj.weight, block.mlp[2].weight):
                 nn.init.normal_(w, std=0.02 / math.sqrt(2 * n_layers))
