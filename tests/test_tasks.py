@@ -106,6 +106,8 @@ def test_encode_pair_concatenates_to_the_whole():
     gpt2 = get_tokenizer("gpt2")
     ctx, cont = encode_pair(gpt2, "The capital of France is", " Paris")
     assert ctx + cont == gpt2.encode("The capital of France is Paris") and gpt2.decode(cont) == " Paris"
+    spaced = encode_pair(gpt2, "The capital of France is ", "Paris")  # lm-eval: the space joins the answer
+    assert spaced == (ctx, cont)
 
 
 @pytest.mark.parametrize("kind", ["ar", "mdlm"])
@@ -169,6 +171,8 @@ def test_adapter_answers_the_three_request_types(kind):
     sampled = lm.generate_until([Req("q", {"max_gen_toks": 8, "do_sample": True, "temperature": 1.0})])[0]
     assert "a" in sampled and sampled != gen[0]  # sampling (seeded) is not greedy: 'a' shows up
     assert lm.generate_until([Req("q", {"max_gen_toks": 8, "do_sample": True})])[0] == sampled  # T = 1 default
+    one, two = lm.loglikelihood([Req("hello", " aa")]), lm.loglikelihood([Req("x", "b"), Req("hello", " aa")])
+    assert one[0] == two[1]  # a request's noise is its context's: neither its place nor its batch changes it
     probs = torch.full((257,), 0.1 / 256)
     probs[256] = 0.9  # EOS is the likeliest token: the answer ends there, nothing of the next document follows
     eos_lm = FewstepLM(model=Unigram(probs.tolist(), denoiser=kind == "mdlm"), meta=meta_for(kind, 16, eos=256),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 
 import torch
 
@@ -67,8 +68,11 @@ class FewstepLM:
 
         pairs = [encode_pair(self.tok, ctx, cont) if ctx else ([], self.tok.encode(cont))
                  for ctx, cont in (r.args for r in requests)]
+        # one noise seed per context: the choices of one item share their noise (common random numbers, as the
+        # in-house scorer), and no score depends on the order or batch of the requests
+        seeds = [self.seed + zlib.crc32(ctx.encode("utf-8")) % 2**31 for ctx, _ in (r.args for r in requests)]
         lp, greedy = continuation_logprob(self.model, self.meta, [a for a, _ in pairs], [b for _, b in pairs],
-                                          mc=self.mc, seed=self.seed, batch_size=self.batch_size, greedy=True)
+                                          mc=self.mc, seeds=seeds, batch_size=self.batch_size, greedy=True)
         out = [(float(v), bool(g)) for v, g in zip(lp, greedy)]
         for r, o in zip(requests, out):
             self._cache("loglikelihood", r.args, o)
@@ -134,7 +138,7 @@ class FewstepLM:
             ctx, kw = r.args
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            n = min(int(kw.get("max_gen_toks", 64)), self.seq_len - 1)
+            n = min(int(kw.get("max_gen_toks", 256)), self.seq_len - 1)  # lm-evaluation-harness's default
             ids = self._generate(self.tok.encode(ctx), n, kw)
             eos = self.meta["data"]["eos_id"]
             text = self.tok.decode(ids[: ids.index(eos)] if eos in ids else ids)  # EOS ends the answer (lm-eval)

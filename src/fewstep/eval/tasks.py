@@ -164,7 +164,11 @@ def load_cloze(source: str, n: int | None = None) -> list[ClozeItem]:
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of context and continuation such that their concatenation is the encoding of the whole text
-    (lm-evaluation-harness's rule: BPE merges across the boundary are given to the continuation)."""
+    (lm-evaluation-harness's rules: trailing spaces of the context move to the continuation, "Answer: " + "Paris"
+    scores " Paris"; BPE merges across the boundary are given to the continuation)."""
+    n_spaces = len(context) - len(context.rstrip(" "))
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole = tokenizer.encode(context + continuation)
     ctx = tokenizer.encode(context)
     if whole[: len(ctx)] != ctx:  # a merge across the boundary: fall back to separate encodings
