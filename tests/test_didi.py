@@ -380,7 +380,7 @@ def test_rgas_runs_on_the_fast_cuda_path(teacher, tmp_path):
 def test_student_is_sampled_and_scored_without_dropout_and_keeps_its_mode(teacher, tmp_path):
     """With dropout in the student, the rollout and log P of the policy gradient are the same (eval-mode) law, and
     the student is back in train mode after the step (common.evaluating)."""
-    from fewstep.distill.common import evaluating
+    from fewstep.models import evaluating
 
     run = prepare(didi_cfg(teacher, tmp_path / "d", disc_warmup=0), "cpu")
     m = run["method"]

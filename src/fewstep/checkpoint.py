@@ -132,10 +132,11 @@ def save(run_dir: str | Path, step: int, *, modules: dict[str, nn.Module | dict]
     _test_pause()
     _write_json(run_dir / "latest", {"step": step, "dir": final.name})
     # keep_last complete checkpoints, this one always among them; a damaged dir never displaces a good one
-    steps = sorted((p for p in run_dir.glob("step_*") if p.is_dir() and p != final and complete(p)
+    older = sorted((p for p in run_dir.glob("step_*") if p.is_dir() and complete(p)
                     and _step_order(p) < _step_order(final)), key=_step_order)
-    for old in steps[:-(keep_last - 1)] if keep_last > 1 else steps if keep_last == 1 else []:
-        _remove(old)
+    if keep_last > 0:
+        for old in older[: max(0, len(older) - (keep_last - 1))]:
+            _remove(old)
     return final
 
 

@@ -54,8 +54,9 @@ import torch
 
 from fewstep.config import FewstepError
 from fewstep.diffusion.sampling import sample, time_grid
-from fewstep.distill.common import FixedPrediction, Halving, Setup, evaluating
+from fewstep.distill.common import FixedPrediction, Halving, Setup
 from fewstep.distill.divergences import get_divergence
+from fewstep.models import evaluating
 
 
 class BOOT:

@@ -8,7 +8,6 @@ data-free).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,20 +16,6 @@ import torch
 import torch.nn as nn
 
 from fewstep.config import FewstepError
-
-
-@contextlib.contextmanager
-def evaluating(*modules: nn.Module):
-    """Eval mode (no dropout) inside, each module's own mode restored after: the student's rollouts are samples of
-    its sampling law, and a target computed by a trainable model is a function of its weights alone."""
-    was = [m.training for m in modules]
-    try:
-        for m in modules:
-            m.eval()
-        yield
-    finally:
-        for m, w in zip(modules, was):
-            m.train(w)
 
 
 @dataclass

@@ -93,9 +93,10 @@ import torch.nn.functional as F
 from fewstep.config import FewstepError
 from fewstep.diffusion.mdlm import masked_nll, nelbo, q_xt, sample_t
 from fewstep.diffusion.sampling import sample, time_grid
-from fewstep.distill.common import Setup, evaluating
+from fewstep.distill.common import Setup
 from fewstep.distill.divergences import kl_forward, kl_reverse
 from fewstep.distill.rgas import Discriminator
+from fewstep.models import evaluating
 
 
 def group_normalize(r: torch.Tensor, group: int, eps: float = 1e-6) -> torch.Tensor:
@@ -178,13 +179,13 @@ class DiDi:
     def rollout(self, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Student trajectories m -> z_tau -> x, G per group (one tau per group). tau: (B/G,) -> 2 x (B, L)."""
         z, x = [], []
-        for tg in tau.tolist():
-            with evaluating(self.student):  # the law whose log P the policy gradient differentiates: no dropout
+        with evaluating(self.student):  # the law whose log P the policy gradient differentiates: no dropout
+            for tg in tau.tolist():
                 _, traj = sample(self.student, self.s.schedule, batch=self.cfg.group, length=self.s.seq_len,
                                  steps=2, mask_id=self.s.mask_id,
                                  times=torch.tensor([1.0, tg, 0.0], dtype=torch.float64), return_trajectory=True)
-            z.append(traj[1])
-            x.append(traj[2])
+                z.append(traj[1])
+                x.append(traj[2])
         return torch.cat(z), torch.cat(x)
 
     @torch.no_grad()
@@ -221,18 +222,18 @@ class DiDi:
         student only. traj: K + 1 states (B, L) from the all-mask state; times: K + 1 floats or (B,) tensors."""
         B, mask, dev = traj[-1].shape[0], self.s.mask_id, traj[-1].device
         log_traj, match, log_p1 = 0.0, 0.0, None
-        for k in range(len(traj) - 1):
-            z = traj[k][:1] if k == 0 else traj[k]  # the all-mask state: one prediction serves every sequence
-            t = torch.as_tensor(times[k], dtype=torch.float32, device=dev).expand(B)[: z.shape[0]]
-            with evaluating(self.student):  # the law the rollout sampled from (no dropout), with gradients
+        with evaluating(self.student):  # the law the rollout sampled from (no dropout), with gradients
+            for k in range(len(traj) - 1):
+                z = traj[k][:1] if k == 0 else traj[k]  # the all-mask state: one prediction serves every sequence
+                t = torch.as_tensor(times[k], dtype=torch.float32, device=dev).expand(B)[: z.shape[0]]
                 log_p = self.student(z, t)  # (B or 1, L, V)
-            if self.cfg.match_weight > 0:
-                with torch.no_grad():
-                    log_q = self.teacher(z, t)
-                hid = z == mask
-                match = match + jeffrey(log_p[hid], log_q[hid], self.cfg.match_beta)
-            log_traj = log_traj + transition_log_prob(log_p.expand(B, -1, -1), traj[k], traj[k + 1], mask)
-            log_p1 = log_p if k == 0 else log_p1  # (1, L, V)
+                if self.cfg.match_weight > 0:
+                    with torch.no_grad():
+                        log_q = self.teacher(z, t)
+                    hid = z == mask
+                    match = match + jeffrey(log_p[hid], log_q[hid], self.cfg.match_beta)
+                log_traj = log_traj + transition_log_prob(log_p.expand(B, -1, -1), traj[k], traj[k + 1], mask)
+                log_p1 = log_p if k == 0 else log_p1  # (1, L, V)
         return log_traj, match, log_p1
 
     def step(self, x0: torch.Tensor, step: int):

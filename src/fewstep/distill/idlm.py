@@ -71,7 +71,8 @@ from fewstep.config import FewstepError
 from fewstep.diffusion.mdlm import sample_t
 from fewstep.diffusion.sampling import sample_categorical
 from fewstep.diffusion.schedule import weight
-from fewstep.distill.common import Setup, evaluating
+from fewstep.distill.common import Setup
+from fewstep.models import evaluating
 
 
 def soft_uniform_terms(xbar_theta: torch.Tensor, xbar: torch.Tensor, z_t: torch.Tensor, alpha_t: torch.Tensor,

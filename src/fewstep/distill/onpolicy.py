@@ -34,7 +34,8 @@ import torch
 from fewstep.config import FewstepError
 from fewstep.diffusion.sampling import sample
 from fewstep.distill.ar_teacher import ARDistillation, forward_kl, top_k_targets
-from fewstep.distill.common import Setup, evaluating
+from fewstep.distill.common import Setup
+from fewstep.models import evaluating
 
 
 class OnPolicy(ARDistillation):

@@ -221,7 +221,7 @@ def bench_models(preset: str | None, ckpt: str | None, ar_ckpt: str | None, hf: 
     return dlm, ar, lm, info
 
 
-def _ints(s: str, what: str = "a grid option") -> list[int]:
+def _ints(s: str, what: str) -> list[int]:
     from fewstep.config import int_list
 
     return [] if str(s).strip() == "none" else int_list(s, what)
@@ -287,7 +287,8 @@ def bench_from_args(args, log=print, on_row=None) -> tuple[list[dict], dict]:
     info.update(weights_dtype="bf16" if fast else "fp32", cuda_graphs=fast, dlm_compiled=compile_)
     p = PRESETS.get(args.preset or "", {})
     length = args.length or p.get("length") or dlm.backbone.seq_len
-    pick = lambda key, default: _ints(getattr(args, key)) if getattr(args, key) else p.get(key, default)
+    pick = lambda key, default: (_ints(getattr(args, key), "--" + key.replace("_", "-")) if getattr(args, key)
+                                 else p.get(key, default))
     grid = dict(steps=pick("steps", [1, 4, 16, 64]), batches=pick("batches", [1]), lengths=pick("lengths", []),
                 sweep_steps=pick("sweep_steps", [1]))
     meta = {**info, **provenance(device), "repeats": args.repeats, "warmup": args.warmup, "command": " ".join(sys.argv)}

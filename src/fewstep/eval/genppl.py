@@ -34,6 +34,7 @@ from torch import nn
 
 from fewstep.config import FewstepError
 from fewstep.eval.judge import Judge, module_device
+from fewstep.models import evaluating
 
 PROTOCOL = 2  # 1: each sample decoded as one text (EOS dropped or spelt out); 2: documents (docs/evaluation.md)
 Doc = str | list[int]  # a document's text, or its ids in the judge's own vocabulary
@@ -47,7 +48,7 @@ def documents(ids: Sequence[int], tokenizer, judge: Judge | None = None) -> list
     docs, cur = [], []
     for i in [*ids, tokenizer.eos_id]:
         if i == tokenizer.eos_id:
-            docs.append(list(cur) if keep else tokenizer.decode(cur))
+            docs.append(cur if keep else tokenizer.decode(cur))
             cur = []
         else:
             cur.append(i)
@@ -111,10 +112,8 @@ def score_texts(
     nll_sum = torch.zeros(len(seqs), dtype=torch.float64)
     n_tok = torch.zeros(len(seqs), dtype=torch.float64)
     model = judge.model
-    was_training = isinstance(model, nn.Module) and model.training
-    if isinstance(model, nn.Module):
-        model.eval()  # dropout off; restored below so an in-process model keeps training afterwards
-    try:
+    # dropout off; restored after, so an in-process model keeps training afterwards
+    with evaluating(*[model] if isinstance(model, nn.Module) else []):
         for b0 in range(0, len(seqs), batch_size):
             batch = seqs[b0 : b0 + batch_size]
             lengths = torch.tensor([len(s) for s in batch])  # (B,)
@@ -132,9 +131,6 @@ def score_texts(
             w = token_weights(x, lengths.to(device), judge.eos_id, start).to(dtype)  # (B, L-1)
             nll_sum[b0 : b0 + len(batch)] = (nll * w).sum(-1).double().cpu()
             n_tok[b0 : b0 + len(batch)] = w.sum(-1).double().cpu()
-    finally:
-        if was_training:
-            model.train()
     return {"nll_sum": nll_sum, "n_tokens": n_tok, "n_truncated": n_cut}
 
 

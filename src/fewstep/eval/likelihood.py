@@ -59,6 +59,7 @@ def val_ppl(model, meta: dict, data_dir: str | None = None, *, batch_size: int =
     """Validation NLL/PPL on the held-out split (NELBO bound for DLMs with `mc` time samples, exact for AR)."""
     from fewstep.data import TokenBlocks
     from fewstep.data.stream import check_tokens
+    from fewstep.models import evaluating
     from fewstep.train import evaluate
 
     device = torch.device(device) if device is not None else module_device(model)
@@ -69,13 +70,8 @@ def val_ppl(model, meta: dict, data_dir: str | None = None, *, batch_size: int =
     seq_len = meta["model"]["seq_len"]
     val = TokenBlocks(data_dir or meta["data"]["dir"], "val", seq_len)
     check_tokens(data_dir or meta["data"]["dir"], meta["data"], val.meta)
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast(device, precision):
-            out = evaluate(task, val, batch_size, max_batches, device)
-    finally:
-        model.train(was_training)
+    with evaluating(model), autocast(device, precision):
+        out = evaluate(task, val, batch_size, max_batches, device)
     n_seq = min(val.n_blocks, batch_size * max_batches)
     return {**out, "val_bound": not is_ar, "val_mc": 1 if is_ar else mc,
             "val_tokens": n_seq * (seq_len - 1 if is_ar else seq_len)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch.nn as nn
@@ -9,6 +10,20 @@ import torch.nn as nn
 from fewstep.models.transformer import Transformer
 
 KINDS = ("mdlm", "uniform", "ar")
+
+
+@contextlib.contextmanager
+def evaluating(*modules: nn.Module):
+    """Eval mode (no dropout) inside, each module's own mode restored after: a model's samples follow its sampling law,
+    and a target or a measurement computed by a trainable model is a function of its weights alone."""
+    was = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, w in zip(modules, was):
+            m.train(w)
 
 
 def build_model(cfg, vocab_size: int) -> nn.Module:
