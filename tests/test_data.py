@@ -117,6 +117,29 @@ def test_smollm2_tokenizer_offline():
     tok = get_tokenizer("smollm2")  # ~8 s: transformers parses the GGUF
     assert tok.vocab_size == 49152 and tok.encode("Hello world") == [19556, 905]
     assert tok.decode(tok.encode("Hello world, café")) == "Hello world, café"
+    assert tok.eos_id == 0 == tok._tok.convert_tokens_to_ids("<|endoftext|>")  # not <|im_end|>, the chat-turn end
+
+
+def test_hf_documents_are_separated_by_endoftext_not_a_chat_turn_end():
+    """An Instruct tokenizer's eos_token ends a chat turn (SmolLM2: <|im_end|> = 2, after which the model expects a
+    newline and the next turn); documents are separated by <|endoftext|> when the vocabulary has it."""
+    from fewstep.data.tokenizers import HFTokenizer, document_separator
+
+    class Tok:
+        def __init__(self, vocab, eos):
+            self.vocab, self.eos_token_id = vocab, eos
+
+        def get_vocab(self):
+            return self.vocab
+
+        def __len__(self):
+            return len(self.vocab)
+
+    chat = Tok({"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "a": 3}, eos=2)
+    assert document_separator(chat) == 0 and HFTokenizer("chat", chat).eos_id == 0
+    assert HFTokenizer("plain", Tok({"</s>": 0, "a": 1}, eos=0)).eos_id == 0
+    with pytest.raises(FewstepError, match="has no EOS token"):
+        HFTokenizer("none", Tok({"a": 0}, eos=None))
 
 
 # ------------------------------------------------------------------------------------------------ corpus

@@ -254,6 +254,28 @@ def test_any_order_teacher_nelbo_is_the_exact_nll_of_an_oracle():
     assert (est.std(0) < t_based.std(0)).all()
 
 
+@pytest.mark.parametrize("schedule", ["loglinear", "cosine"])
+def test_teacher_nelbo_tells_the_teacher_the_time_of_its_masked_fraction(schedule):
+    """A time-conditioned teacher scoring a state with k of L positions masked is given the t at which the
+    expected masked fraction 1 - alpha_t is k / L (under cosine, t = k / L would claim a noisier state)."""
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x_t, t):
+            seen.append((x_t.eq(3).float().mean(-1), t.clone()))
+            return torch.zeros(*x_t.shape, 4).log_softmax(-1)
+
+    sched = get_schedule(schedule)
+    method = DiDi.__new__(DiDi)
+    method.cfg = DiDi.Config(reward="elbo", elbo_mc=8)
+    method.s = Setup(teacher=Probe(), student=Probe(), schedule=sched, mask_id=3, batch=2, seq_len=16,
+                     device=torch.device("cpu"))
+    method.teacher = method.s.teacher
+    method.teacher_nelbo(torch.randint(0, 3, (2, 16)))
+    (frac, t), = seen
+    assert torch.allclose(1 - sched.alpha(t), frac.clamp(max=1 - sched.eps), atol=1e-6), (frac, t)
+
+
 # --- the method in the loop, on a tiny real teacher -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")

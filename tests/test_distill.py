@@ -169,11 +169,25 @@ def test_sdtt_round_swap_copies_student_and_halves_steps(teacher, tmp_path):
     assert same(state(fresh.ref), state(m.student))
 
 
+@pytest.mark.parametrize("init, time_cond", [("scratch", False), ("scratch", True), ("teacher", True)])
+def test_sdtt_round_zero_targets_come_from_the_teacher(teacher, tmp_path, init, time_cond):
+    """Round 0's teacher copy computes the teacher's function whatever the student starts from (a scratch
+    student's copy was a random network) and whether or not the student adds time conditioning."""
+    run = prepare(distill_cfg(teacher, tmp_path / "run", "sdtt", init=init, time_cond=time_cond), "cpu")
+    m, t_model = run["method"], run["teacher"]
+    x = torch.randint(0, m.student.mask_id, (2, 32))
+    x[:, ::2] = m.student.mask_id  # masked positions: where the denoiser's prediction is not a carry-over
+    t = torch.rand(2)
+    assert torch.equal(m.ref(x, t), t_model(x, t))
+    assert m.ref.time_conditioned == time_cond
+
+
 def test_time_conditioned_student_starts_as_the_teacher(teacher, tmp_path):
     run = prepare(distill_cfg(teacher, tmp_path / "run", "boot"), "cpu")
     student, t_model = run["method"].student, run["teacher"]
     assert student.time_conditioned and not t_model.time_conditioned
-    x = torch.randint(0, student.mask_id + 1, (2, 32))
+    x = torch.randint(0, student.mask_id, (2, 32))
+    x[:, ::2] = student.mask_id
     t = torch.rand(2)
     assert torch.equal(student(x, t), t_model(x, t))  # zero-initialised adaLN is an exact identity
 
@@ -182,6 +196,7 @@ def test_time_conditioned_student_starts_as_the_teacher(teacher, tmp_path):
     ({"name": "nope"}, "unknown distillation method 'nope'.*sdtt"),
     ({"teacher": "/no/such/ckpt"}, "teacher checkpoint /no/such/ckpt does not exist"),
     ({"divergence": "l1"}, "unknown divergence 'l1'"),
+    ({"teacher_steps": 5}, "method.teacher_steps=5 must be even"),
     ({"round_size": 3}, "unknown config key 'method.round_size'"),
     ({"init": "/no/such/init"}, "student init checkpoint /no/such/init does not exist"),
 ])

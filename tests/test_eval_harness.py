@@ -163,6 +163,23 @@ def test_dlm_scores_are_batch_independent_and_seeded():
     assert filled[0, :3].tolist() == [9, 1, 2] and (filled != 10).all()
 
 
+def test_greedy_fill_tells_the_model_the_time_of_the_fills_masked_fraction():
+    from fewstep.diffusion.schedule import Cosine
+
+    seen = []
+
+    def probe(x, t):
+        seen.append(t.clone())
+        return torch.zeros(*x.shape, 11).log_softmax(-1)
+
+    probe.mask_id = 10
+    fill = torch.tensor([[0, 1, 1, 1, 1]]).bool()
+    dlm_greedy_fill(probe, torch.tensor([[9, 10, 10, 10, 10]]), fill, schedule=Cosine())
+    frac = torch.tensor([1.0, 0.75, 0.5, 0.25])  # 4, 3, 2, 1 of the 4 fill positions still masked
+    assert torch.allclose(torch.cat(seen), Cosine().time_of(1 - frac))
+    assert torch.allclose(1 - Cosine().alpha(torch.cat(seen)), frac.clamp(max=1 - Cosine().eps), atol=1e-6)
+
+
 def test_dlm_bound_of_a_factorised_model_is_its_exact_likelihood():
     """Context-free denoiser: the NELBO of each token is (1 - eps) * its NLL, so the MC estimate converges."""
     probs = [0.5, 0.3, 0.15, 0.05]

@@ -236,6 +236,28 @@ def test_losses_have_no_graph_into_the_other_module(teacher, tmp_path):
     assert set(m.step(run["train"].batch(1, 4), 1)[0]) == {"student", "fake"}
 
 
+def test_student_signal_is_float32_inside_a_bf16_step(teacher, tmp_path):
+    """f_hat - f* is about one learning rate a step: under bf16 autocast (the training step's on a GPU) the
+    difference would be rounding noise, so teacher and fake run in float32 inside the student loss."""
+    run = prepare(idlm_cfg(teacher, tmp_path / "p"), "cpu")
+    m = run["method"]
+    with torch.no_grad():
+        for p in m.fake.parameters():
+            p.add_(1e-4 * torch.randn_like(p))
+        logits = torch.randn(4, m.s.seq_len, m.student.backbone.head.out_features)
+        if m.masked:
+            logits[..., m.student.mask_id] = -math.inf  # no mass on the mask
+        probs = torch.softmax(logits, -1)
+
+    def value(**autocast):
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, **autocast):
+            return m.student_loss(probs)[1]
+
+    exact = value(enabled=False)
+    assert exact != 0 and torch.allclose(value(), exact, rtol=1e-5, atol=0), (value(), exact)
+
+
 def test_distill_end_to_end_and_student_samples(teacher, tmp_path):
     out = tmp_path / "run"
     t_before = state(checkpoint.load_model(teacher)[0])

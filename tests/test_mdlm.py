@@ -13,6 +13,13 @@ from markov import MarkovChain, OracleDenoiser
 
 
 @pytest.mark.parametrize("schedule", [LogLinear(), Cosine()])
+def test_time_of_inverts_alpha(schedule):
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    assert torch.allclose(schedule.time_of(schedule.alpha(t)), t, atol=1e-6)
+    assert schedule.time_of(torch.tensor([0.0, 1.5])).tolist() == [1.0, 0.0]  # clamped to [eps, 1]
+
+
+@pytest.mark.parametrize("schedule", [LogLinear(), Cosine()])
 def test_oracle_nelbo_equals_exact_nll(schedule):
     """E_t,x_t[NELBO] of the exact denoiser is exactly -log p(x0): check within Monte-Carlo error."""
     torch.manual_seed(0)
@@ -138,6 +145,28 @@ def test_fused_draw_is_the_unfused_draw(temperature, monkeypatch):
     kw = dict(batch=3, length=24, steps=4, mask_id=20, temperature=temperature)
     a = sample(model, LogLinear(), generator=torch.Generator().manual_seed(2), fused_draw=True, **kw)
     assert torch.equal(a, sample(model, LogLinear(), generator=torch.Generator().manual_seed(2), **kw))
+
+
+def test_nucleus_keeps_the_smallest_prefix_reaching_top_p():
+    """An exact tie at top_p: [.5, .25, .25] at 0.5 keeps only the first token, [.5, .25, .125, .125] at 0.75 two."""
+    from fewstep.diffusion.sampling import filter_probs
+
+    one = filter_probs(torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64).log(), top_p=0.5)
+    two = filter_probs(torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64).log(), top_p=0.75)
+    assert one.tolist() == [1.0, 0.0, 0.0] and torch.allclose(two, torch.tensor([2 / 3, 1 / 3, 0, 0]).double())
+    assert filter_probs(torch.tensor([0.7, 0.2, 0.1]).log(), top_p=0.85).tolist()[2] == 0.0
+    assert filter_probs(torch.tensor([0.7, 0.2, 0.1]).log(), top_p=0.95).tolist()[2] > 0.0
+
+
+def test_fused_draw_at_a_low_temperature_draws_the_mode():
+    """At T = 1e-3, exp(log p / T) underflows on a row whose top probability is below 0.47: the race must still
+    pick that row's mode (it picked token 0, a zero-probability token here, when the row max was not taken out)."""
+    import fewstep.diffusion.sampling as sampling
+
+    log_p = torch.tensor([0.0, 0.1, 0.4, 0.3, 0.2]).log().expand(64, -1)  # token 0 has probability 0
+    for fused in (True, False):
+        draw = sampling.draw_rows(log_p, 1e-3, generator=torch.Generator().manual_seed(0), fused=fused)
+        assert (draw == 2).all(), (fused, draw.bincount(minlength=5))
 
 
 def test_oracle_sampler_reproduces_the_chain():

@@ -54,7 +54,7 @@ def check_tokens(dir: str | os.PathLike, data_meta: dict, dir_meta: dict | None 
         if key in data_meta and dm.get(key) != data_meta[key]:
             raise FewstepError(f"data dir {dir} has {key}={dm.get(key)!r} but the model was trained with "
                                f"{data_meta[key]!r}: give a data dir built with tokenizer "
-                               f"{data_meta.get('tokenizer')!r}")
+                               f"{data_meta.get('tokenizer')!r} by this version (fewstep data --force)")
 
 
 def load_meta(dir: str | os.PathLike) -> dict:

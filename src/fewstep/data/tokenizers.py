@@ -91,17 +91,27 @@ class TiktokenTokenizer:
         return self._enc.decode([i for i in ids if 0 <= i < self.vocab_size], errors="replace")
 
 
+def document_separator(tok: Any) -> int | None:
+    """The id that separates documents for a ``transformers`` tokenizer: ``<|endoftext|>`` in GPT-2-style
+    vocabularies (gpt2, SmolLM2), else its EOS. An Instruct model's ``eos_token`` is the chat-turn end
+    (SmolLM2-Instruct: ``<|im_end|>``); after it the model expects a newline and the next turn, not a new document."""
+    vocab = tok.get_vocab()
+    return int(vocab["<|endoftext|>"]) if "<|endoftext|>" in vocab else tok.eos_token_id
+
+
 class HFTokenizer:
-    """A ``transformers`` tokenizer; no BOS/EOS added by encode (the corpus builder adds EOS itself)."""
+    """A ``transformers`` tokenizer; no BOS/EOS added by encode (the corpus builder adds the document separator,
+    `document_separator`, itself)."""
 
     def __init__(self, name: str, tok: Any):
-        if tok.eos_token_id is None:
+        eos = document_separator(tok)
+        if eos is None:
             raise FewstepError(
                 f"tokenizer '{name}' has no EOS token; fewstep needs one to separate documents"
             )
         self.name, self._tok = name, tok
         self.vocab_size = len(tok)  # includes added special tokens, unlike tok.vocab_size
-        self.eos_id = int(tok.eos_token_id)
+        self.eos_id = int(eos)
         tok.model_max_length = 1 << 60  # whole documents are encoded; silence the "too long" warning
 
     def encode(self, text: str) -> list[int]:

@@ -59,7 +59,8 @@ def filter_probs(log_p: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     p = log_p.exp()
     if top_p < 1.0:
         sorted_p, idx = p.sort(-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix with mass >= top_p
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # keep the smallest prefix with mass >= top_p
+        outside[..., 0] = False  # the top token always stays (mass before it: 0)
         p = p.scatter(-1, idx, sorted_p.masked_fill(outside, 0.0))
         p = p / p.sum(-1, keepdim=True)
     return p
@@ -69,9 +70,13 @@ DRAW_CHUNK = 2**26  # float64 elements per chunk of rows (512 MiB): bounds the d
 
 
 def _race(log_p: torch.Tensor, u: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    """sample_categorical's exponential race on exp(log_p / T), unnormalised (the argmax does not care): (N, V) ->
-    (N,). Compiled (`_fused_race`), it is one kernel reading log_p and u once, with no float64 temporaries."""
-    return ((log_p.double() * inv_temperature).exp() / (-torch.log1p(-u)).clamp_min(TINY)).argmax(-1)
+    """sample_categorical's exponential race on exp(log_p / T - max), unnormalised (the argmax does not care):
+    (N, V) -> (N,). The row max is subtracted first: at a low T, exp(log_p / T) underflows to 0 on a whole row
+    (T = 1e-3 and p_max < 0.47), whose argmax would then be token 0. Compiled (`_fused_race`), it is one kernel
+    that reads log_p twice and u once, with no float64 temporaries."""
+    scaled = log_p.double() * inv_temperature  # (N, V)
+    p = (scaled - scaled.amax(-1, keepdim=True)).exp()  # (N, V), max 1
+    return (p / (-torch.log1p(-u)).clamp_min(TINY)).argmax(-1)
 
 
 @functools.cache
@@ -110,6 +115,11 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def full_precision(device: torch.device):
+    """Autocast off inside a bf16 training step: for a signal that is a small difference of two networks' outputs."""
+    return torch.autocast(device.type, enabled=False)
 
 
 @torch.no_grad()

@@ -24,6 +24,10 @@ class LogLinear:
     def dalpha(self, t: torch.Tensor) -> torch.Tensor:
         return torch.full_like(t, -(1 - self.eps))
 
+    def time_of(self, alpha: torch.Tensor) -> torch.Tensor:
+        """The inverse: t with alpha_t = alpha, for alpha in [eps, 1] (clamped there)."""
+        return ((1 - alpha) / (1 - self.eps)).clamp(0, 1)
+
 
 @dataclass(frozen=True)
 class Cosine:
@@ -35,6 +39,11 @@ class Cosine:
 
     def dalpha(self, t: torch.Tensor) -> torch.Tensor:
         return -(1 - self.eps) * 0.5 * math.pi * torch.sin(0.5 * math.pi * (1 - t))
+
+    def time_of(self, alpha: torch.Tensor) -> torch.Tensor:
+        """The inverse: t with alpha_t = alpha, for alpha in [eps, 1] (clamped there)."""
+        c = ((alpha - self.eps) / (1 - self.eps)).clamp(0, 1)
+        return 1 - torch.acos(1 - c) * (2 / math.pi)
 
 
 def weight(schedule, t: torch.Tensor) -> torch.Tensor:

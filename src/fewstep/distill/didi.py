@@ -206,7 +206,8 @@ class DiDi:
         k = ((torch.arange(M, device=dev) + torch.rand(1, device=dev)) * L / M).floor().long() + 1  # (M,)
         hide = torch.rand(M, B, L, device=dev).argsort(-1).argsort(-1) < k[:, None, None]  # (M, B, L): |M| = k
         x_t = torch.where(hide, self.s.mask_id, x[None]).view(M * B, L)
-        t = (k.float() / L).repeat_interleave(B)  # the expected masked fraction (time-conditioned teachers only)
+        # time-conditioned teachers: the t whose masked fraction 1 - alpha_t is k / L (not k / L itself: cosine)
+        t = self.s.schedule.time_of(1 - k.float() / L).repeat_interleave(B)
         nll = masked_nll(self.teacher, x_t, t, x.repeat(M, 1), self.s.mask_id).view(M, B, L)
         return (nll.sum(-1) / k[:, None]).sum(0) * L / M  # (M, B) means per mask size -> (B,)
 

@@ -69,7 +69,7 @@ import torch
 
 from fewstep.config import FewstepError
 from fewstep.diffusion.mdlm import sample_t
-from fewstep.diffusion.sampling import sample_categorical
+from fewstep.diffusion.sampling import full_precision, sample_categorical
 from fewstep.diffusion.schedule import weight
 from fewstep.distill.common import Setup
 from fewstep.models import evaluating
@@ -252,10 +252,14 @@ class IDLM:
     def student_loss(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(surrogate, L(f*, pi) - L(f_hat, pi)) per token; gradient only through pi (both models' outputs are
         detached, except through their soft inputs when relax = gaussian; the loop steps only the student). The
-        surrogate is the difference itself, plus `context_score` when method.context_grad."""
+        surrogate is the difference itself, plus `context_score` when method.context_grad. Teacher and fake run in
+        float32 even in a bf16 step: f_hat starts as f* and drifts by about one learning rate a step, far below
+        bf16's resolution, so their difference under autocast would be mostly rounding noise."""
         t = sample_t(probs.shape[0], probs.device, eps=self.cfg.loss_eps)
         z, x_in = self.corrupt(probs, t)
-        with torch.set_grad_enabled(self.gaussian and torch.is_grad_enabled()), evaluating(self.fake):
+        with (torch.set_grad_enabled(self.gaussian and torch.is_grad_enabled()), evaluating(self.fake),
+              full_precision(probs.device)):
+            x_in = x_in.float() if x_in.is_floating_point() else x_in  # soft tokens (relax = gaussian) or ids
             log_t, log_f = (self.denoise(m, x_in, t, frozen=True) for m in (self.teacher, self.fake))
         d = self.loss(log_t, probs, z, t) - self.loss(log_f, probs, z, t)  # (B, L)
         value = d.sum(-1)  # (B,)

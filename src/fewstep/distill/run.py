@@ -203,7 +203,10 @@ def prepare(cfg: RunConfig, device, rank: int = 0, world: int = 1) -> dict:
 
         cfg.data.dir = _data_dir(cfg, tmeta)
         if ar:
+            from fewstep.data.stream import check_tokens
+
             _same_tokenizer(f"data.dir {cfg.data.dir}", _data_tokenizer(cfg.data.dir), tmeta)
+            check_tokens(cfg.data.dir, tmeta["data"])  # also its vocabulary and document separator
         train = TokenBlocks(cfg.data.dir, "train", scfg.seq_len, cfg.data.unique_tokens)
         val = TokenBlocks(cfg.data.dir, "val", scfg.seq_len)
     cfg.data.tokenizer = tmeta["data"].get("tokenizer", cfg.data.tokenizer)

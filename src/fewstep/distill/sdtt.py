@@ -14,8 +14,9 @@ The teacher's steps are ordinary `sample()` calls started from x_init = z_t on t
 
 Rounds (Sec. 3.2): round r trains a student of N_r = N_0 / 2**(r+1) steps against a teacher of 2 N_r steps
 (dt = 1 / (2 N_r)); at the end of a round the student's weights are copied into the teacher copy and dt doubles.
-The original teacher is never modified: the copy starts as the student (the student is initialised from the
-teacher), so the copy can hold the student's weights even when the student adds time conditioning.
+The original teacher is never modified: the copy has the student's architecture (so it can take the student's
+weights even when the student adds time conditioning) and starts as the teacher: the teacher's weights, and zero
+for the adaLN tensors only the student has (the identity), whatever the student was initialised from.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class SDTT:
     def __init__(self, config: Config, setup: Setup):
         self.cfg, self.s = config, setup
         self.div = get_divergence(config.divergence)
-        if config.teacher_steps < 2:
-            raise FewstepError("method.teacher_steps must be >= 2 (the student takes half as many)")
+        if config.teacher_steps < 2 or config.teacher_steps % 2:
+            raise FewstepError(f"method.teacher_steps={config.teacher_steps} must be even and >= 2 (the student "
+                               "takes half as many)")
         self.rounds = Halving(config.teacher_steps // 2, config.student_steps, config.round_steps)
         if setup.batch % config.groups:
             raise FewstepError(f"method.groups={config.groups} must divide the micro-batch of {setup.batch}")
@@ -60,6 +62,10 @@ class SDTT:
         self.student, self.teacher = setup.student, setup.teacher
         # The round-r teacher: a frozen copy with the student's architecture, starting equal to the teacher.
         self.ref = copy.deepcopy(setup.student).requires_grad_(False).eval()
+        own, src = self.ref.state_dict(), setup.teacher.state_dict()
+        with torch.no_grad():
+            for k, v in own.items():  # adaLN tensors the teacher lacks: zero, the identity at every t
+                v.copy_(src[k]) if k in src else v.zero_()
         self.round = 0
 
     def trainable(self):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fewstep.config import FewstepError
+from fewstep.data.tokenizers import document_separator
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_HINT = "pip install 'fewstep[hf]' (transformers, accelerate, gguf, tokenizers)"
@@ -146,11 +147,8 @@ def _load_hf(path: str, device, max_len: int | None, name: str, gguf_file: str |
     lm.to(device).eval()
     cfg = lm.config
     ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1024
-    # Documents are separated by <|endoftext|> in GPT-2-style vocabularies (gpt2, SmolLM2); an Instruct
-    # model's eos_token is the chat-turn end (<|im_end|>) instead. Samples reach the judge as documents, joined
-    # with this id whatever the generator's own separator is (genppl).
-    vocab = tok.get_vocab()
-    eos = vocab["<|endoftext|>"] if "<|endoftext|>" in vocab else tok.eos_token_id
+    # Samples reach the judge as documents, joined with its separator whatever the generator's own is (genppl).
+    eos = document_separator(tok)
     # Prepend BOS only if the tokenizer itself adds one (Llama-style). GPT-2-style judges get none; as in
     # MDLM, the first retokenized token is then context only, not scored.
     adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]

@@ -156,9 +156,11 @@ def _dlm_logprob(model, schedule, x0, score, seeds, mc, device, precision, eps=1
 
 
 @torch.no_grad()
-def dlm_greedy_fill(model, x: torch.Tensor, fill: torch.Tensor, per_step: int = 1) -> torch.Tensor:
+def dlm_greedy_fill(model, x: torch.Tensor, fill: torch.Tensor, per_step: int = 1, schedule=None) -> torch.Tensor:
     """Fill the positions `fill` (B, L) of x by confidence-ordered greedy decoding: each forward unmasks the
-    `per_step` most confident masked positions to their argmax token. Returns the filled x (B, L)."""
+    `per_step` most confident masked positions to their argmax token. Returns the filled x (B, L). A
+    time-conditioned model is told the t whose masked fraction 1 - alpha_t is the fill's (`schedule`, as the
+    sampler's grid from 1 to 0 over the fill; the fraction itself when None)."""
     x = torch.where(fill, model.mask_id, x)
     n0 = fill.sum(-1).clamp_min(1)  # (B,)
     while True:
@@ -166,7 +168,8 @@ def dlm_greedy_fill(model, x: torch.Tensor, fill: torch.Tensor, per_step: int = 
         n = remaining.sum(-1)
         if not bool(n.any()):
             return x
-        t = (n.double() / n0).float()  # the masked fraction plays the role of t for time-conditioned models
+        frac = (n.double() / n0).float()  # (B,) masked fraction of the fill
+        t = frac if schedule is None else schedule.time_of(1 - frac)
         conf, pred = model(x, t).max(-1)  # (B, L)
         conf = conf.masked_fill(~remaining, -math.inf)
         k = min(per_step, int(n.max()))
@@ -208,7 +211,7 @@ def continuation_logprob(model, meta: dict, contexts, continuations, *, mc: int 
         for b in range(0, len(x), batch_size):
             xb, sb = x[b : b + batch_size], score[b : b + batch_size]
             with autocast(device, precision):
-                filled = dlm_greedy_fill(model, xb.to(device), sb.to(device))
+                filled = dlm_greedy_fill(model, xb.to(device), sb.to(device), schedule=schedule)
             greedys.append((filled.cpu() == xb).all(-1))
     lp = torch.cat(lps).double()
     return (lp, torch.cat(greedys)) if greedy else lp

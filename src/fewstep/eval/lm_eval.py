@@ -26,7 +26,7 @@ import torch
 
 from fewstep.config import FewstepError
 from fewstep.eval.judge import module_device
-from fewstep.eval.likelihood import continuation_logprob, dlm_greedy_fill
+from fewstep.eval.likelihood import continuation_logprob, dlm_greedy_fill, objective
 
 
 class FewstepLM:
@@ -118,18 +118,18 @@ class FewstepLM:
             return new
         ctx = [eos, *ctx][-(self.seq_len - n) :]
         x = torch.tensor([ctx + [self.model.mask_id] * n], device=self.device)  # (1, len(ctx) + n)
+        schedule = objective(self.model, self.meta).schedule
         if sample:
             from fewstep.diffusion.sampling import sample as dlm_sample
-            from fewstep.eval.likelihood import objective
 
-            out = dlm_sample(self.model, objective(self.model, self.meta).schedule, batch=1, length=x.shape[1],
+            out = dlm_sample(self.model, schedule, batch=1, length=x.shape[1],
                              steps=self.steps or n, mask_id=self.model.mask_id, x_init=x, generator=gen,
                              temperature=float(kw.get("temperature", 1.0)), top_p=float(kw.get("top_p", 1.0)),
                              device=self.device)
         else:
             fill = torch.zeros_like(x, dtype=torch.bool)
             fill[:, len(ctx) :] = True
-            out = dlm_greedy_fill(self.model, x, fill, per_step=math.ceil(n / (self.steps or n)))
+            out = dlm_greedy_fill(self.model, x, fill, per_step=math.ceil(n / (self.steps or n)), schedule=schedule)
         return out[0, len(ctx) :].tolist()
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
