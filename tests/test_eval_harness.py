@@ -256,6 +256,29 @@ def test_eval_and_report_commands(pydoc_data, tmp_path, capsys):
     assert main(["eval", "--ckpt", str(runs["mdlm"]), "--judge", "nope"]) == 2
 
 
+def test_latency_is_one_full_batch_when_the_last_batch_is_smaller(monkeypatch):
+    """n = 10 at batch 8: the run is a batch of 8 and one of 2; the latency of one batch must be the batch of 8's,
+    not the mean of the two. A fake clock charges 1 s per generated row (nothing is timed for real)."""
+    import fewstep.eval.harness as harness
+    import fewstep.pipeline
+
+    monkeypatch.setattr(fewstep.pipeline, "generate", lambda model, meta, n, batch, **kw: torch.zeros(n, 4).long())
+    monkeypatch.setattr(harness, "timed", lambda fn, **kw: (x := fn(), float(x.shape[0]), [float(x.shape[0])]))
+    meta = {"kind": "mdlm", "name": "m"}
+    model = nn.Linear(1, 1)
+    row = harness.sample_eval(model, meta, steps=4, n=10, batch=8, tokenizer=null_tokenizer())
+    assert row["latency_s"] == 8.0 and row["seconds_per_sample"] == 1.0
+    assert harness.sample_eval(model, meta, steps=4, n=16, batch=8, tokenizer=null_tokenizer())["latency_s"] == 8.0
+
+
+def null_tokenizer():
+    class Tok:
+        def decode(self, ids):
+            return ""
+
+    return Tok()
+
+
 def test_val_ppl_of_a_uniform_state_model_is_its_nelbo(pydoc_data):
     from fewstep.config import ModelConfig
     from fewstep.models import build_model

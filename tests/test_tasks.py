@@ -75,10 +75,14 @@ def test_mc_builder_true_ending_and_distractors_from_other_documents():
 
 def test_loaders_read_hellaswag_mmlu_and_lambada_jsonl(tmp_path):
     hs = [{"ctx": "A man", "endings": ["runs.", "sings."], "label": "1"},
-          {"ctx_a": "She", "ctx_b": "opens", "endings": ["a door", "a can"], "label": 0}]
+          {"ctx_a": "She", "ctx_b": "opens", "endings": ["a door", "a can"], "label": 0, "activity_label": "Home"},
+          {"activity_label": "Home and Garden", "ctx_a": "[header] How to grow tomatoes [title] Pick a spot.",
+           "ctx_b": "you", "endings": ["water them. [title] Water daily.", "dig."], "label": 0}]
     (tmp_path / "hs.jsonl").write_text("\n".join(map(json.dumps, hs)))
     items = load_multiple_choice(str(tmp_path / "hs.jsonl"))
-    assert items == [MCItem("A man", [" runs.", " sings."], 1), MCItem("She opens", [" a door", " a can"], 0)]
+    assert items == [MCItem("A man", [" runs.", " sings."], 1), MCItem("Home: She Opens", [" a door", " a can"], 0),
+                     MCItem("Home and Garden: How to grow tomatoes. Pick a spot. You",  # lm-eval's preprocessing
+                            [" water them.. Water daily.", " dig."], 0)]
     mmlu = {"question": "2 + 2 = ?", "choices": ["3", "4"], "answer": "B"}
     (tmp_path / "mmlu.jsonl").write_text(json.dumps(mmlu))
     assert load_multiple_choice(str(tmp_path / "mmlu.jsonl")) == [MCItem("2 + 2 = ?\nAnswer:", [" 3", " 4"], 1)]
@@ -120,6 +124,20 @@ def test_multiple_choice_acc_and_acc_norm(kind):
     # item 0: log p(" b") = -0.8 - 7.8 beats 13 * -0.8 for the right ending; per character the 'a's win
     assert out["acc_norm"] == 1.0 and out["acc"] == 0.5 and out["n_items"] == 2
     assert out["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+
+
+def test_acc_norm_divides_by_the_ending_without_its_joining_space():
+    """lm-eval's acc_norm: log p / len(choice), the choice without the space that joins it to the context. With
+    log p = -10 over 10 characters and -10.95 over 11, the second wins (-0.9955 vs -1.0); counting the space made
+    the first win (-0.909 vs -0.9125)."""
+    import fewstep.eval.likelihood as likelihood
+
+    items = [MCItem("ctx", [" " + "a" * 10, " " + "b" * 11], 1)]
+    lp = torch.tensor([-10.0, -10.95], dtype=torch.float64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(likelihood, "continuation_logprob", lambda *a, **k: lp)
+        out = score_multiple_choice(None, meta_for("ar", 64, eos=256), BYTE, items)
+    assert out["acc_norm"] == 1.0 and out["acc"] == 0.0
 
 
 @pytest.mark.parametrize("kind", ["ar", "mdlm"])

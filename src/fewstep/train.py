@@ -120,6 +120,12 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], bucket_bytes: int = 64 *
             g.copy_(v.view_as(g))
 
 
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch onto the device. On CUDA through pinned memory and without blocking: a copy from pageable
+    memory synchronises the stream, so the host would wait for the last step's optimizer before queueing this one."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+
+
 def _finite_weights(modules: dict[str, torch.nn.Module], sharded_on: torch.device | None = None) -> list[str]:
     """Names of modules holding a non-finite parameter (a step that overflowed the weights themselves). With
     sharded weights (`sharded_on` the collective's device) each rank checks its shards and all ranks agree."""
@@ -303,7 +309,7 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
         for k in range(tc.grad_accum):
             for m in modules.values() if fsdp else ():  # reduce-scatter once per step, after the last micro-batch
                 m.set_requires_gradient_sync(k == tc.grad_accum - 1)
-            x = (train_data.batch(step * tc.grad_accum + k, micro, rank=rank, world=world, seed=tc.seed).to(device)
+            x = (_to(train_data.batch(step * tc.grad_accum + k, micro, rank=rank, world=world, seed=tc.seed), device)
                  if train_data is not None else None)
             with autocast(device, precision):
                 losses, logs = task.step(x, step)

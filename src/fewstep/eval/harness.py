@@ -47,6 +47,9 @@ def sample_eval(
               temperature=temperature, guidance=guidance)
     generate(model, meta, n=batch, batch=batch, **kw)  # warm-up: allocator, kernels, caches
     x, seconds, _ = timed(lambda: generate(model, meta, n=n, batch=batch, **kw), device=device, warmup=0)
+    latency = seconds / (n // batch)  # one batch of `batch` rows
+    if n % batch:  # the smaller last batch would pull the mean down: time one full batch on its own
+        latency = timed(lambda: generate(model, meta, n=batch, batch=batch, **kw), device=device, warmup=0)[1]
     samples = x.tolist()
     is_ar = meta["kind"] == "ar"
     row = {
@@ -65,7 +68,7 @@ def sample_eval(
         "seq_len": x.shape[1],
         "device": str(device),
         "entropy": float(unigram_entropy(x).mean()),
-        "latency_s": seconds / -(-n // batch),  # one batch
+        "latency_s": latency,  # one batch
         "seconds_per_sample": seconds / n,
         "tokens_per_s": x.numel() / seconds,
     }

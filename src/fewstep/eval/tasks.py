@@ -135,13 +135,23 @@ def _label(label, n: int, source: str) -> int:
     return i
 
 
+def _hellaswag_text(text: str) -> str:
+    """lm-evaluation-harness's HellaSwag preprocessing: WikiHow's " [title]" becomes ". ", other [tags] go."""
+    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
+    return text.replace("  ", " ")
+
+
 def load_multiple_choice(source: str, n: int | None = None) -> list[MCItem]:
-    """HellaSwag rows {ctx, endings, label} or MMLU rows {question, choices, answer} from JSONL or `hf:`."""
+    """HellaSwag rows {ctx, endings, label} or MMLU rows {question, choices, answer} from JSONL or `hf:`. Rows with
+    HellaSwag's ctx_a / ctx_b fields are read as lm-evaluation-harness reads them: context "activity_label: ctx_a
+    Ctx_b", context and endings preprocessed (`_hellaswag_text`), so accuracies compare with its numbers."""
     items = []
     for r in _rows(source, n):
-        if "endings" in r:
-            ctx = r.get("ctx") or (r.get("ctx_a", "") + " " + r.get("ctx_b", "")).strip()
-            endings, label = r["endings"], r["label"]
+        if "endings" in r and "ctx_a" in r:
+            ctx = f"{r.get('activity_label', '')}: {r['ctx_a']} {r.get('ctx_b', '').capitalize()}"  # as lm-eval
+            ctx, endings, label = _hellaswag_text(ctx), [_hellaswag_text(e) for e in r["endings"]], r["label"]
+        elif "endings" in r:
+            ctx, endings, label = r["ctx"], r["endings"], r["label"]
         elif "choices" in r:
             ctx, endings, label = f"{r['question'].strip()}\nAnswer:", r["choices"], r["answer"]
         else:
@@ -193,7 +203,8 @@ def score_multiple_choice(model, meta, tokenizer, items: list[MCItem], *, mc: in
     k = 0
     for it in items:
         s = lp[k : k + len(it.endings)]
-        norm = s / torch.tensor([len(e) for e in it.endings], dtype=torch.float64)
+        # per character of the ending, without the space that joins it to the context (lm-eval's len(choice))
+        norm = s / torch.tensor([max(1, len(e.removeprefix(" "))) for e in it.endings], dtype=torch.float64)
         acc += int(s.argmax()) == it.label
         acc_norm += int(norm.argmax()) == it.label
         k += len(it.endings)
