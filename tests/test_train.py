@@ -106,6 +106,25 @@ def test_torchrun_two_processes_gloo(pydoc_data, tmp_path):
     assert len(_losses(out)) == 4
 
 
+def test_logged_loss_and_validation_do_not_depend_on_accumulation_or_processes(pydoc_data, tmp_path):
+    """An AR model (no noise) trained on the same batches by one process at grad_accum 1 and 2 and by 2 DDP
+    processes: the logged loss and the task's metrics are means over the whole batch (they were rank 0's last
+    micro-batch) and val_nll is scored on one validation set (it was eval_batches x the micro-batch)."""
+    run = {"model.kind": "ar", "train.max_steps": 2, "train.ckpt_every": 2, "train.eval_every": 2}
+    pretrain(load("tiny_mdlm", tiny_overrides(pydoc_data, tmp_path / "one", **run)))
+    pretrain(load("tiny_mdlm", tiny_overrides(pydoc_data, tmp_path / "accum", **run, **{"train.grad_accum": 2})))
+    _torchrun(pydoc_data, tmp_path / "ddp", **run)
+    for key in ("loss/model", "nll", "val_nll"):
+        ref = _losses(tmp_path / "one", key)
+        assert sorted(ref) == ([2] if key == "val_nll" else [1, 2])
+        for other in ("accum", "ddp"):
+            got = _losses(tmp_path / other, key)
+            assert got.keys() == ref.keys(), (key, other)
+            assert all(got[s] == pytest.approx(ref[s], rel=1e-5) for s in ref), (key, other)
+    with pytest.raises(FewstepError, match="train.eval_batches"):  # 0 used to score nothing and report val_ppl 1
+        load("tiny_mdlm", tiny_overrides(pydoc_data, tmp_path / "x", **{"train.eval_batches": 0}))
+
+
 def test_torchrun_fsdp_matches_ddp_resumes_and_loads_with_one_process(pydoc_data, tmp_path):
     """FSDP2 on 2 gloo processes, grad_accum 2, stopped after step 2 and resumed to step 4, against DDP.
 
@@ -236,3 +255,9 @@ def test_mfu_counts_the_vocabulary_head_where_it_runs():
     frac = DiffusionObjective(model, LogLinear()).head_fraction()
     assert frac == pytest.approx(0.5, abs=1e-3)  # E[1 - alpha_t] ~ E[t], t ~ U[0, 1]: about half the rows are masked
     assert flops_per_token(model, 32, frac) == pytest.approx(6 * (blocks + frac * head) + attn, rel=1e-12)
+    # time conditioning (time MLP, adaLN) acts on one vector per sequence: 6 n / L per token, not 6 n
+    tc = MaskedDenoiser(Transformer(vocab_size=50, d_model=16, n_layers=2, n_heads=2, seq_len=32, time_cond=True),
+                        mask_id=49)
+    cond = sum(p.numel() for n, p in tc.named_parameters() if "t_mlp" in n or ".ada" in n)
+    assert cond == (2 * (16 * 16 + 16)) + 2 * (16 * 96 + 96) + (16 * 32 + 32)
+    assert flops_per_token(tc, 32) == pytest.approx(6 * (blocks + head + cond / 32) + attn, rel=1e-12)

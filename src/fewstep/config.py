@@ -259,9 +259,9 @@ def check(cfg: RunConfig) -> None:
     _require(d.unique_tokens >= 0, "data.unique_tokens", d.unique_tokens, "must be >= 0 (0 = all)")
     _require(d.epochs > 0, "data.epochs", d.epochs, "must be > 0")
     check_model(cfg.model)
-    for key in ("batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every"):
+    for key in ("batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every", "eval_batches"):
         _require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
-    for key in ("lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "eval_batches", "keep_last"):
+    for key in ("lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "keep_last"):
         _require(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "must be >= 0")
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     _require(all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "both must be in [0, 1)")

@@ -67,16 +67,22 @@ def lr_at(step: int, total: int, cfg) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
+PER_SEQUENCE = {"t_mlp", "ada", "ada_out"}  # time-conditioning modules: applied to one vector c per sequence
+
+
 def flops_per_token(module: torch.nn.Module, seq_len: int, head_fraction: float = 1.0) -> float:
     """Training FLOPs per token (forward + backward): 6N for the weights plus 12 * layers * d * L for attention,
     with the vocabulary head's 6 d V counted at `head_fraction` of the positions (the MDLM loss runs it on the masked
-    rows only: counting it everywhere would credit FLOPs that are never computed)."""
+    rows only: counting it everywhere would credit FLOPs that are never computed) and the time-conditioning weights
+    (adaLN, time MLP) at 1 / L: they act on one vector per sequence."""
     backbone = getattr(module, "backbone", module)
     head = getattr(backbone, "head", None)
     n_head = sum(p.numel() for p in head.parameters()) if isinstance(head, torch.nn.Module) else 0
-    n = sum(p.numel() for n_, p in module.named_parameters() if "embed" not in n_) - n_head
+    params = [(n_, p.numel()) for n_, p in module.named_parameters() if "embed" not in n_]
+    n_seq = sum(k for n_, k in params if PER_SEQUENCE & set(n_.split(".")))
+    n = sum(k for _, k in params) - n_head - n_seq
     d = backbone.embed.weight.shape[1]
-    return 6 * (n + head_fraction * n_head) + 12 * backbone.n_layers * d * seq_len
+    return 6 * (n + head_fraction * n_head + n_seq / seq_len) + 12 * backbone.n_layers * d * seq_len
 
 
 def _swap(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -124,6 +130,14 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU batch onto the device. On CUDA through pinned memory and without blocking: a copy from pageable
     memory synchronises the stream, so the host would wait for the last step's optimizer before queueing this one."""
     return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+
+
+def _mean_over_ranks(metrics: dict, device: torch.device) -> dict[str, float]:
+    """Each metric's mean over the ranks (each saw its own share of the batch): one collective, keys sorted."""
+    keys = sorted(metrics)
+    v = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    torch_dist.all_reduce(v)
+    return dict(zip(keys, (v / torch_dist.get_world_size()).tolist()))
 
 
 def _finite_weights(modules: dict[str, torch.nn.Module], sharded_on: torch.device | None = None) -> list[str]:
@@ -208,7 +222,10 @@ def evaluate(task, val_data, batch_size: int, max_batches: int, device) -> dict[
     for x in val_data.iter_eval(batch_size, max_batches=max_batches):
         out = task.validate(x.to(device), gen)
         nats, tokens = nats + out["nats"], tokens + out["tokens"]
-    nll = nats / max(tokens, 1)
+    if not tokens:
+        raise FewstepError("the validation split has no block to score: rebuild the data with a larger "
+                           "data.val_fraction or lower model.seq_len")
+    nll = nats / tokens
     return {"val_nll": nll, "val_ppl": math.exp(min(nll, 50.0))}
 
 
@@ -299,13 +316,14 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
     if train_data is not None:  # whole steps: up to batch_size - 1 blocks past data.epochs (total_steps rounds up)
         summary["epochs_seen"] = total * tc.batch_size / train_data.n_blocks
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, desc=out_dir.name)
-    t0, s0, last_logs = time.perf_counter(), start, {}  # the clock and the step it (re)started at
+    t0, s0 = time.perf_counter(), start  # the clock and the step it (re)started at
     for step in bar:
         lr = lr_at(step, total, tc)
         for name, opt in optims.items():
             for g in opt.param_groups:
                 g["lr"] = lr * lr_scale.get(name, 1.0)
         sums: dict[str, torch.Tensor] = {}
+        step_logs: dict = {}
         for k in range(tc.grad_accum):
             for m in modules.values() if fsdp else ():  # reduce-scatter once per step, after the last micro-batch
                 m.set_requires_gradient_sync(k == tc.grad_accum - 1)
@@ -319,7 +337,8 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
                 else:
                     (loss / tc.grad_accum).backward(inputs=params[name])
                 sums[name] = sums.get(name, 0.0) + loss.detach() / tc.grad_accum
-            last_logs = logs
+            for key, v in logs.items():  # the step's metrics: means over its micro-batches
+                step_logs[key] = step_logs.get(key, 0.0) + (v.detach() if torch.is_tensor(v) else v) / tc.grad_accum
         ok = True
         norms = {}
         for name, ps in params.items():
@@ -356,11 +375,14 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
         if hasattr(task, "on_step_end"):
             task.on_step_end(step)
         done = step + 1
+        if done % tc.log_every == 0 or done == total:
+            metrics = {**{f"loss/{n}": v for n, v in sums.items()}, **step_logs}
+            metrics = _mean_over_ranks(metrics, device) if world > 1 else {k: float(v) for k, v in metrics.items()}
         if rank == 0 and (done % tc.log_every == 0 or done == total):
             dt = time.perf_counter() - t0
-            row = {"step": done, "lr": lr, **{f"loss/{n}": float(v) for n, v in sums.items()},
+            row = {"step": done, "lr": lr, **{k: v for k, v in metrics.items() if k.startswith("loss/")},
                    **{f"grad_norm/{n}": float(v) for n, v in norms.items()},
-                   **{k: float(v) for k, v in last_logs.items()},
+                   **{k: v for k, v in metrics.items() if not k.startswith("loss/")},
                    "tokens_per_s": tokens_per_step * (done - s0) / dt if done > s0 else None}
             if peak and fpt and row["tokens_per_s"]:
                 row["mfu"] = row["tokens_per_s"] * fpt / (peak * world)
@@ -375,8 +397,10 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
                 if ema is not None:
                     _swap(model, ema)
                 model.eval()
-                with autocast(device, precision):
-                    row = {"step": done, **evaluate(task, val_data, micro, tc.eval_batches, device)}
+                with autocast(device, precision):  # eval_batches x batch_size blocks, micro at a time: one
+                    # validation set whatever the process count and accumulation
+                    n_eval = tc.eval_batches * world * tc.grad_accum
+                    row = {"step": done, **evaluate(task, val_data, micro, n_eval, device)}
                 if fsdp:  # FSDP keeps the root's weights gathered after a forward with no backward: free them
                     model.reshard()
                 model.train()
