@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from conftest import tiny_overrides
 from fewstep import checkpoint
-from fewstep.config import ModelConfig, load
+from fewstep.config import FewstepError, ModelConfig, load
 from fewstep.diffusion.mdlm import MaskedDenoiser
 from fewstep.diffusion.sampling import sample
 from fewstep.diffusion.schedule import get_schedule
@@ -166,6 +166,9 @@ def test_rgas_tilts_and_reranks_toward_the_discriminator(random_pair):
     picked = sum(score(rgas.draw(3, 4, 0.0, x, rows, lp, gen)) for _ in range(10))
     plain = sum(score(RGAS(disc, sched, mask, candidates=1).draw(3, 4, 0.0, x, rows, lp, gen)) for _ in range(10))
     assert picked > plain
+    for bad in ((float("nan"), 1.0), (1e308, 1e308), (1.0,)):  # NaN / overflowing tilts sampled all-NUL text
+        with pytest.raises(FewstepError, match="two finite numbers"):
+            RGAS(disc, sched, mask, scale=bad)
 
 
 def trajectory_joint(student, schedule):

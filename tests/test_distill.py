@@ -207,6 +207,23 @@ def test_bad_method_settings_are_one_clear_error(teacher, tmp_path, change, matc
         prepare(cfg, "cpu")
 
 
+@pytest.mark.parametrize("name, change, match", [
+    ("sdtt", {"groups": 0}, "method.groups=0 must be >= 1"),
+    ("sdtt", {"groups": -1}, "method.groups=-1 must be >= 1"),
+    ("didi", {"reward": "elbo", "elbo_mc": 0}, "method.elbo_mc=0 must be >= 1"),
+    ("didi", {"label_smoothing": 2}, "method.label_smoothing=2.0 must be in"),
+    ("didi", {"disc_blocks": 0}, "method.disc_blocks=0 must be in \\[1, 2\\]"),
+    ("didi", {"disc_blocks": 99}, "method.disc_blocks=99 must be in"),
+    ("didi", {"match_beta": 2}, "method.match_beta=2"),
+    ("idlm", {"loss_eps": 1.5}, "method.loss_eps=1.5 must be in \\(0, 1\\)"),
+    ("idlm", {"loss_eps": 0}, "method.loss_eps=0.0 must be in"),
+])
+def test_out_of_range_method_settings_name_their_key(teacher, tmp_path, name, change, match):
+    """Values that raised ZeroDivisionError or trained silently with a meaningless setting."""
+    with pytest.raises(FewstepError, match=match):
+        prepare(distill_cfg(teacher, tmp_path / "run", name, **change), "cpu")
+
+
 def test_wrong_teacher_kind_shape_and_model_section(teacher, ar_ckpt, pydoc_data, tmp_path):
     with pytest.raises(FewstepError, match="'ar' model.*masked diffusion"):
         prepare(distill_cfg(ar_ckpt, tmp_path / "r1", "sdtt"), "cpu")

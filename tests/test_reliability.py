@@ -311,6 +311,22 @@ def test_malicious_pickle_is_refused_and_never_executed(tiny_run, tmp_path, caps
     assert not marker.exists()
 
 
+def test_checkpoint_with_non_finite_weights_is_refused(tiny_run, tmp_path):
+    """Saving refuses NaN weights, so a NaN in a file is damage: loading it gave all-NUL samples and val_ppl nan."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_run, bad)
+    f = checkpoint.resolve(bad) / "model_ema.safetensors"
+    sd = load_file(f)
+    k = sorted(sd)[1]
+    sd[k] = sd[k].clone()
+    sd[k].view(-1)[0] = float("nan")
+    save_file(sd, f)
+    with pytest.raises(FewstepError, match=f"tensor '{k}' holds NaN or inf"):
+        checkpoint.load_model(bad)
+
+
 def test_loading_calls_no_unpickler(tiny_run, monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("unpickler called while loading a checkpoint")

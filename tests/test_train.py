@@ -94,6 +94,26 @@ def test_other_run_in_out_dir_is_refused(pydoc_data, tmp_path):
         pretrain(other)
 
 
+def test_resume_with_other_settings_or_while_running_is_refused(pydoc_data, tmp_path):
+    """A resume may change how long a run trains and how it logs, not what it trains on or how: a changed data
+    budget, lr or seed used to continue silently, splicing two runs into one log (and config.json was rewritten)."""
+    run = tmp_path / "run"
+    pretrain(load("tiny_mdlm", tiny_overrides(pydoc_data, run, **{"train.max_steps": 4})))
+    config = (run / "config.json").read_text()
+    for change in ({"data.unique_tokens": 5000}, {"train.lr": 1e-4}, {"train.seed": 7}):
+        with pytest.raises(FewstepError, match=f"other settings \\({next(iter(change))}="):
+            pretrain(load("tiny_mdlm", tiny_overrides(pydoc_data, run, **{"train.max_steps": 6, **change})))
+    assert (run / "config.json").read_text() == config
+    pretrain(load("tiny_mdlm", tiny_overrides(pydoc_data, run, **{"train.max_steps": 6, "train.log_every": 2})))
+    assert checkpoint.latest(run).name == "step_0000006"  # longer, logged differently: a resume
+    import fcntl
+
+    with open(run / ".lock", "a+") as held:  # another live process holds the run
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(FewstepError, match="in use by another running process"):
+            pretrain(load("tiny_mdlm", tiny_overrides(pydoc_data, run, **{"train.max_steps": 8})))
+
+
 def _torchrun(data, out, **overrides) -> None:
     """`fewstep train` on 2 CPU processes (gloo) under torchrun."""
     torchrun("-m", "fewstep", "train", "--config", "tiny_mdlm", *tiny_overrides(data, out, **overrides))

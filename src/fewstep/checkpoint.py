@@ -226,6 +226,9 @@ def _check_state(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], file
             )
         if v.dtype.is_floating_point != own[k].dtype.is_floating_point or v.dtype.is_complex:
             raise FewstepError(f"{file.name}: tensor '{k}' has dtype {v.dtype}, expected {own[k].dtype}")
+        if v.dtype.is_floating_point and not bool(torch.isfinite(v).all()):  # saving refuses them: a damaged file
+            raise FewstepError(f"{file.parent / file.name}: tensor '{k}' holds NaN or inf: the file is damaged; "
+                               "use another checkpoint of the run")
 
 
 def load_into(module: nn.Module, file: Path) -> None:

@@ -16,6 +16,7 @@ see fewstep.parallel). Both write the same checkpoint format.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -229,9 +230,60 @@ def evaluate(task, val_data, batch_size: int, max_batches: int, device) -> dict[
     return {"val_nll": nll, "val_ppl": math.exp(min(nll, 50.0))}
 
 
+# Settings a resumed run may change: how it logs, evaluates, saves and runs, and how long it trains. Any other
+# difference (data, model, optimiser, method) would splice two different runs into one log and one checkpoint.
+RESUME_MAY_CHANGE = {"data.dir", "train.out_dir", "train.max_steps", "train.log_every", "train.eval_every",
+                     "train.eval_batches", "train.ckpt_every", "train.keep_last", "train.nan_policy",
+                     "train.compile", "train.parallel", "train.deterministic"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _resume_changes(old: dict, new: dict) -> list[str]:
+    """The settings (dotted keys) that differ between the run being resumed and this one; a key the older run did
+    not record is not a difference."""
+    old, new = _flat(old), _flat(new)
+    return [f"{k}={old[k]!r} -> {new[k]!r}" for k in sorted(new)
+            if k in old and k not in RESUME_MAY_CHANGE and json.dumps(old[k]) != json.dumps(new[k])]
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path, rank: int):
+    """Hold out_dir/.lock for the run (rank 0): a second run started into the same directory while the first is
+    alive would interleave checkpoints and log lines. The lock dies with its process, so a killed run leaves none."""
+    if rank != 0:
+        yield
+        return
+    import fcntl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FewstepError(f"{out_dir} is in use by another running process: wait for it to finish or choose "
+                               "another --train.out_dir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: torch.device,
         rank: int = 0, world: int = 1) -> dict:
     """Train `task` for the configured steps; checkpoints and logs go to cfg.train.out_dir. Returns a summary."""
+    with _exclusive(Path(cfg.train.out_dir), rank):
+        return _fit(task, cfg, train_data=train_data, val_data=val_data, meta=meta, device=device, rank=rank,
+                    world=world)
+
+
+def _fit(task, cfg: RunConfig, *, train_data, val_data, meta: dict, device: torch.device, rank: int,
+         world: int) -> dict:
     tc = cfg.train
     out_dir = Path(tc.out_dir)
     if tc.deterministic:
@@ -264,6 +316,10 @@ def fit(task, cfg: RunConfig, *, train_data, val_data=None, meta: dict, device: 
         if old.get("models") != specs or old.get("data", {}).get("tokenizer") != meta.get("data", {}).get("tokenizer"):
             raise FewstepError(f"{out_dir} holds a run with another model or data config: choose a new "
                                "--train.out_dir or delete the old run")
+        changed = _resume_changes(old.get("run", {}), meta["run"])
+        if changed:
+            raise FewstepError(f"{out_dir} holds a run with other settings ({'; '.join(changed[:3])}): resume it "
+                               "with its own settings, or choose a new --train.out_dir")
         state = checkpoint.load_training_state(ckpt, {**modules, **emas}, {})
     if fsdp:  # the EMA copies are sharded like their modules, so the EMA update stays shard by shard
         from torch.distributed.device_mesh import init_device_mesh

@@ -54,8 +54,8 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
 def filter_probs(log_p: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
     """Temperature and nucleus filtering of log-probabilities (..., V); returns float64 probabilities."""
     log_p = log_p.double()
-    if temperature != 1.0:
-        log_p = (log_p / temperature).log_softmax(-1)
+    if temperature != 1.0:  # the row max out first: at a tiny T, log p / T overflows to -inf everywhere (NaN)
+        log_p = ((log_p - log_p.amax(-1, keepdim=True)) / temperature).log_softmax(-1)
     p = log_p.exp()
     if top_p < 1.0:
         sorted_p, idx = p.sort(-1, descending=True)
@@ -74,8 +74,8 @@ def _race(log_p: torch.Tensor, u: torch.Tensor, inv_temperature: float) -> torch
     (N, V) -> (N,). The row max is subtracted first: at a low T, exp(log_p / T) underflows to 0 on a whole row
     (T = 1e-3 and p_max < 0.47), whose argmax would then be token 0. Compiled (`_fused_race`), it is one kernel
     that reads log_p twice and u once, with no float64 temporaries."""
-    scaled = log_p.double() * inv_temperature  # (N, V)
-    p = (scaled - scaled.amax(-1, keepdim=True)).exp()  # (N, V), max 1
+    log_p = log_p.double()  # (N, V)
+    p = ((log_p - log_p.amax(-1, keepdim=True)) * inv_temperature).exp()  # (N, V), max 1 (also as T -> 0)
     return (p / (-torch.log1p(-u)).clamp_min(TINY)).argmax(-1)
 
 
@@ -96,15 +96,16 @@ def draw_rows(log_p: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
     reads about five (N, V) float64 temporaries, which is most of a one-step sample's time on a GPU.
     """
     n = max(1, DRAW_CHUNK // log_p.shape[-1])
+    inv_t = min(1.0 / temperature, 1e300)  # finite: 0 (the row max) x inf would be NaN; past 1e300 it is argmax
     out = []
     for i in range(0, log_p.shape[0], n):
         if fused and top_p >= 1.0 and probs_fn is None:
             u = torch.rand(log_p[i : i + n].shape, dtype=torch.float64, device=log_p.device, generator=generator)
             if u.shape[0] == 1:  # a 1-row input is a new specialisation of the compiled kernel: draw it as 2 rows
                 two = log_p[i : i + n].repeat(2, 1)[:2]  # a view, as every other chunk: the same guards
-                out.append(_fused_race()(two, u.repeat(2, 1), 1.0 / temperature)[:1])
+                out.append(_fused_race()(two, u.repeat(2, 1), inv_t)[:1])
                 continue
-            out.append(_fused_race()(log_p[i : i + n], u, 1.0 / temperature))
+            out.append(_fused_race()(log_p[i : i + n], u, inv_t))
             continue
         p = filter_probs(log_p[i : i + n], temperature, top_p)
         out.append(sample_categorical(p if probs_fn is None else probs_fn(p, slice(i, i + n)), generator))

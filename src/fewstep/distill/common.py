@@ -18,6 +18,13 @@ import torch.nn as nn
 from fewstep.config import FewstepError
 
 
+def require(*checks: tuple[bool, str, object, str]) -> None:
+    """(ok, key, value, rule) per method setting: the first that fails is one error naming its key."""
+    for ok, key, value, rule in checks:
+        if not ok:
+            raise FewstepError(f"method.{key}={value!r} {rule}")
+
+
 @dataclass
 class Setup:
     teacher: nn.Module  # frozen masked denoiser: teacher(x_t (B, L), t (B,)) -> (B, L, V) log p(x0 | x_t)

@@ -90,10 +90,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fewstep.config import FewstepError
 from fewstep.diffusion.mdlm import masked_nll, nelbo, q_xt, sample_t
 from fewstep.diffusion.sampling import sample, time_grid
-from fewstep.distill.common import Setup
+from fewstep.distill.common import Setup, require
 from fewstep.distill.divergences import kl_forward, kl_reverse
 from fewstep.distill.rgas import Discriminator
 from fewstep.models import evaluating
@@ -146,21 +145,23 @@ class DiDi:
     def __init__(self, config: Config, setup: Setup):
         self.cfg, self.s = config, setup
         c = config
-        if c.group < 2 or setup.batch % c.group:
-            raise FewstepError(f"method.group={c.group} must be >= 2 and divide the micro-batch of {setup.batch}")
-        if not 0.0 < c.t_min <= c.t_max < 1.0:
-            raise FewstepError(f"need 0 < method.t_min <= method.t_max < 1, got {c.t_min}, {c.t_max}")
-        if c.real not in ("teacher", "data"):
-            raise FewstepError(f"method.real must be 'teacher' or 'data', got {c.real!r}")
-        if c.reward not in ("disc", "elbo"):
-            raise FewstepError(f"method.reward must be 'disc' or 'elbo', got {c.reward!r}")
-        if c.reward == "elbo" and setup.seq_len % c.elbo_mc:
-            raise FewstepError(f"method.elbo_mc={c.elbo_mc} must divide the sequence length {setup.seq_len} "
-                               "(the mask sizes are stratified over 1..L)")
-        if (min(c.steps, c.teacher_steps, c.disc_steps, c.student_steps, c.elbo_mc) < 1 or c.disc_warmup < 0
-                or not 0 <= c.match_beta <= 1 or not c.disc_lr_scale > 0):
-            raise FewstepError("method.steps, teacher_steps, disc_steps, student_steps, elbo_mc must be >= 1, "
-                               "disc_warmup >= 0, 0 <= match_beta <= 1, disc_lr_scale > 0")
+        n_layers = setup.teacher.backbone.n_layers
+        require((c.group >= 2 and setup.batch % c.group == 0, "group", c.group,
+                 f"must be >= 2 and divide the micro-batch of {setup.batch}"),
+                (0.0 < c.t_min <= c.t_max < 1.0, "t_min/t_max", (c.t_min, c.t_max),
+                 "must satisfy 0 < t_min <= t_max < 1"),
+                (c.real in ("teacher", "data"), "real", c.real, "must be 'teacher' or 'data'"),
+                (c.reward in ("disc", "elbo"), "reward", c.reward, "must be 'disc' or 'elbo'"),
+                *((v >= 1, k, v, "must be >= 1") for k, v in (("steps", c.steps), ("teacher_steps", c.teacher_steps),
+                  ("disc_steps", c.disc_steps), ("student_steps", c.student_steps), ("elbo_mc", c.elbo_mc))),
+                (c.elbo_mc < 1 or c.reward != "elbo" or setup.seq_len % c.elbo_mc == 0, "elbo_mc", c.elbo_mc,
+                 f"must divide the sequence length {setup.seq_len} (the mask sizes are stratified over 1..L)"),
+                (c.disc_warmup >= 0, "disc_warmup", c.disc_warmup, "must be >= 0"),
+                (0 <= c.match_beta <= 1, "match_beta", c.match_beta, "must be in [0, 1]"),
+                (c.disc_lr_scale > 0, "disc_lr_scale", c.disc_lr_scale, "must be > 0"),
+                (0 <= c.label_smoothing < 1, "label_smoothing", c.label_smoothing, "must be in [0, 1)"),
+                (1 <= c.disc_blocks <= n_layers, "disc_blocks", c.disc_blocks,
+                 f"must be in [1, {n_layers}] (the teacher's blocks)"))
         self.student, self.teacher = setup.student, setup.teacher
         self.disc = Discriminator(setup.teacher.backbone, c.disc_blocks) if c.reward == "disc" else None
 

@@ -162,6 +162,8 @@ class IDLM:
             raise FewstepError(f"method.fake_lr_scale must be > 0, got {config.fake_lr_scale}")
         if not 0.0 < config.t_min <= config.t_max <= 1.0:
             raise FewstepError(f"need 0 < method.t_min <= method.t_max <= 1, got {config.t_min}, {config.t_max}")
+        if not 0.0 < config.loss_eps < 1.0:
+            raise FewstepError(f"method.loss_eps={config.loss_eps!r} must be in (0, 1) (t' ~ U[loss_eps, 1])")
         if config.states not in ("data", "student"):
             raise FewstepError(f"method.states must be 'data' or 'student', got {config.states!r}")
         self.student, self.teacher = setup.student, setup.teacher

@@ -94,6 +94,8 @@ class RGAS:
                  rerank: float = 0.5, temperature: float = 1.0, top_p: float = 1.0):
         if candidates < 1 or not 0.0 <= rerank <= 1.0:
             raise FewstepError(f"RGAS needs candidates >= 1 and 0 <= rerank <= 1, got {candidates}, {rerank}")
+        if len(tuple(scale)) != 2 or not all(abs(h) <= 1e6 for h in scale):  # also NaN, inf: an all-NUL sample
+            raise FewstepError(f"RGAS scale (h_0, h_1) must be two finite numbers of magnitude <= 1e6, got {scale}")
         self.disc, self.schedule, self.mask_id = disc, schedule, mask_id
         self.scale, self.candidates, self.rerank = tuple(scale), candidates, rerank
         self.temperature, self.top_p = temperature, top_p  # the draw hook gets no filter settings: pass the same

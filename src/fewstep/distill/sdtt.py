@@ -55,8 +55,9 @@ class SDTT:
             raise FewstepError(f"method.teacher_steps={config.teacher_steps} must be even and >= 2 (the student "
                                "takes half as many)")
         self.rounds = Halving(config.teacher_steps // 2, config.student_steps, config.round_steps)
-        if setup.batch % config.groups:
-            raise FewstepError(f"method.groups={config.groups} must divide the micro-batch of {setup.batch}")
+        if config.groups < 1 or setup.batch % config.groups:
+            raise FewstepError(f"method.groups={config.groups} must be >= 1 and divide the micro-batch of "
+                               f"{setup.batch}")
         if config.loss_dtype not in ("float32", "float64"):
             raise FewstepError(f"method.loss_dtype must be float32 or float64, got {config.loss_dtype!r}")
         self.student, self.teacher = setup.student, setup.teacher
