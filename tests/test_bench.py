@@ -92,6 +92,17 @@ def test_bench_command_errors_are_one_line(capsys):
     assert main(["bench", "--preset", "tiny"]) == 2  # random weights must be asked for
     assert "--random-weights" in capsys.readouterr().err
     assert main(["bench", "--preset", "tiny", "--random-weights", "--ckpt", "x"]) == 2
+    capsys.readouterr()
+    tiny = ["bench", "--preset", "tiny", "--random-weights", "--hf", "none"]
+    for args, needle in [(["--steps", "0"], "--steps=0"), (["--steps", "-1"], "--steps=-1"),
+                         (["--batches", "0"], "--batches=0"), (["--batches", "none"], "--batches=none"),
+                         (["--lengths", "-4"], "--lengths=-4"), (["--sweep-steps", "0"], "--sweep-steps=0"),
+                         (["--repeats", "0"], "--repeats=0 must be >= 1"), (["--length", "0"], "--length=0"),
+                         (["--length", "-5"], "--length=-5"), (["--warmup", "-1"], "--warmup=-1"),
+                         (["--device", "bogus"], "unknown device 'bogus'"), (["--hf", "bogus"], "--hf 'bogus'")]:
+        assert main([*tiny, *args]) == 2, args  # these gave silently wrong speed-ups or tracebacks
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (args, err)
 
 
 def test_bench_from_checkpoints(pydoc_data, tmp_path, capsys):
@@ -110,3 +121,15 @@ def test_bench_from_checkpoints(pydoc_data, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(summary["one_step_latency_s"]) == {"1"} and summary["oom"] == 0  # JSON keys are strings
     assert main(["bench", "--ckpt", str(runs["ar"])]) == 2  # an AR checkpoint is not a DLM
+    assert "--ckpt must be an MDLM checkpoint, got a 'ar' one" in capsys.readouterr().err
+    from fewstep.config import DataConfig
+    from fewstep.data import build
+
+    data = tmp_path / "pydoc-gpt2"  # an AR model of another tokenizer: its latency is for other tokens
+    build(DataConfig(corpus="pydoc", tokenizer="gpt2", dir=str(data)))
+    over = tiny_overrides(data, tmp_path / "ar_gpt2", **{"train.max_steps": 1, "model.kind": "ar",
+                                                         "data.tokenizer": "gpt2"})
+    assert main(["train", *over]) == 0
+    capsys.readouterr()
+    assert main(["bench", "--ckpt", str(runs["mdlm"]), "--ar-ckpt", str(tmp_path / "ar_gpt2")]) == 2
+    assert "--ar-ckpt uses tokenizer 'gpt2' but --ckpt 'byte'" in capsys.readouterr().err

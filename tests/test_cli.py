@@ -57,6 +57,10 @@ def test_unknown_preset_and_key(capsys):
         assert main(argv) == 2  # parsed before any checkpoint is read or any model trained
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "expected comma-separated integers" in err[0], err
+    for argv, needle in ((["--n", "0"], "n=0 is invalid"), (["--steps", "0,4"], "steps=0 is invalid"),
+                         (["--steps", ","], "at least one step count")):
+        assert main(["demo", "--out-dir", "/no/such/dir/demo", *argv]) == 2  # before minutes of training
+        assert needle in capsys.readouterr().err
 
 
 def test_checkpoint_shape_mismatch_is_one_line(pydoc_data, tmp_path):

@@ -279,6 +279,21 @@ def null_tokenizer():
     return Tok()
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--n", "0"], "n=0 is invalid"), (["--steps", ""], "at least one step count"),
+    (["--steps", "1,0"], "steps=0 is invalid"), (["--batch", "0"], "batch=0 is invalid"),
+    (["--seed", str(2**64)], "seed="), (["--task-mc", "0"], "--task-mc=0 must be >= 1"),
+    (["--task-n", "-1"], "--task-n=-1 must be >= 1"), (["--val-mc", "0"], "--val-mc=0 must be >= 1"),
+    (["--tasks", "bogus"], "unknown task 'bogus'"), (["--tasks", "lambada:/no/file"], "does not exist"),
+    (["--data-dir", "/no/dir"], "is not a built data dir"), (["--device", "bogus"], "unknown device"),
+])
+def test_eval_arguments_are_checked_before_any_work(args, needle, capsys):
+    """Each of these failed only after val PPL and sampling (or computed something else than recorded)."""
+    assert main(["eval", "--ckpt", "/no/such/ckpt", *args]) == 2  # checked before the checkpoint is even read
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
 def test_val_ppl_of_a_uniform_state_model_is_its_nelbo(pydoc_data):
     from fewstep.config import ModelConfig
     from fewstep.models import build_model

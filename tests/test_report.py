@@ -57,6 +57,14 @@ def test_load_results_reads_json_jsonl_and_folders(result_files, tmp_path):
     latin.write_bytes('{"name": "caf\u00e9"}\n'.encode("latin-1"))
     with pytest.raises(FewstepError, match="cannot read it as UTF-8"):
         load_results(latin)
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text('{"name": "a"}\n' * 50 + "garbage\n")
+    with pytest.raises(FewstepError, match="torn.jsonl line 51: not valid JSON"):  # it said line 1 column 1
+        load_results(torn)
+    listed = tmp_path / "listed.json"
+    listed.write_text('[{"name": ["a"], "steps": 4, "gen_ppl": 10}]')
+    with pytest.raises(FewstepError, match="a result's name must be text"):  # TypeError: unhashable type
+        load_results(listed)
 
 
 def test_markdown_table_has_values_and_blanks():

@@ -98,6 +98,33 @@ def test_loaders_read_hellaswag_mmlu_and_lambada_jsonl(tmp_path):
             load_multiple_choice(str(tmp_path / "nolabel.jsonl"))
 
 
+@pytest.mark.parametrize("content, needle", [
+    (b'{"text": "a b"}\nnot json\n', "line 2: not JSON"),
+    (b"\xff\xfe{}", "is not UTF-8"),
+    (b"5\n", "line 1: a row must be a JSON object"),
+    (b'{"txt": "a b"}', "a row needs a text field 'text'"),
+    (b'{"text": 5}', "a row needs a text field 'text'"),
+])
+def test_bad_cloze_files_are_one_clear_error(tmp_path, content, needle):
+    (tmp_path / "t.jsonl").write_bytes(content)
+    with pytest.raises(FewstepError, match=needle):
+        load_cloze(str(tmp_path / "t.jsonl"))
+
+
+@pytest.mark.parametrize("row, needle", [
+    ({"endings": ["a", "b"], "label": 0}, "text field 'ctx'"),
+    ({"ctx": "c", "endings": "xyzw", "label": 0}, "'endings' as a list of at least 2 strings"),
+    ({"ctx": "c", "endings": [1, 2], "label": 0}, "'endings' as a list"),
+    ({"question": 3, "choices": ["a", "b"], "answer": 0}, "text field 'question'"),
+    ({"ctx_a": "She", "endings": ["a", "b"], "label": 0}, "text field 'ctx_b'"),
+])
+def test_bad_multiple_choice_rows_are_one_clear_error(tmp_path, row, needle):
+    """Wrong schemas raised KeyError/AttributeError; a string of endings was split into one-letter endings."""
+    (tmp_path / "m.jsonl").write_text(json.dumps(row))
+    with pytest.raises(FewstepError, match=needle):
+        load_multiple_choice(str(tmp_path / "m.jsonl"))
+
+
 def test_heldout_documents_are_the_val_split(pydoc_data):
     docs = heldout_documents(str(pydoc_data), BYTE)
     meta = json.loads((pydoc_data / "meta.json").read_text())

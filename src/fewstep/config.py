@@ -187,6 +187,8 @@ def resolve_preset(name: str) -> Path:
 def load(preset: str | None, overrides: list[str] = ()) -> RunConfig:
     """Load a preset (or the defaults) and apply `section.key=value` overrides."""
     table: dict = {}
+    if preset is not None and not str(preset).strip():
+        raise FewstepError("--config is empty: give a preset name (e.g. tiny_mdlm) or a .toml path, or leave it out")
     if preset:
         path = resolve_preset(preset)
         try:

@@ -46,7 +46,7 @@ def pretrain(cfg: RunConfig) -> dict:
     return summary
 
 
-def _check_sampling(*, n, steps, length, batch, seed, temperature, top_p) -> None:
+def check_sampling(*, n, steps, length, batch, seed, temperature, top_p) -> None:
     """One clear line for sampling arguments that would otherwise fail deep inside a sampler."""
     import math
 
@@ -71,7 +71,7 @@ def generate(model, meta: dict, *, n: int, steps: int, length: int | None = None
     from fewstep.diffusion.sampling import sample
     from fewstep.diffusion.schedule import schedule_of
 
-    _check_sampling(n=n, steps=steps, length=length, batch=batch, seed=seed, temperature=temperature, top_p=top_p)
+    check_sampling(n=n, steps=steps, length=length, batch=batch, seed=seed, temperature=temperature, top_p=top_p)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     length = length or meta["model"]["seq_len"]
     batch = min(batch or n, n)

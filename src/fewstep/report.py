@@ -50,17 +50,25 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> list[dict]:
             text = f.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise FewstepError(f"{f}: cannot read it as UTF-8 text ({e})") from None
-        try:
-            if f.suffix == ".jsonl":
-                objs = [json.loads(line) for line in text.splitlines() if line.strip()]
-            else:
+        if f.suffix == ".jsonl":
+            objs = []
+            for i, line in enumerate(text.splitlines(), 1):
+                try:
+                    objs += [json.loads(line)] if line.strip() else []
+                except json.JSONDecodeError as e:
+                    raise FewstepError(f"{f} line {i}: not valid JSON ({e})") from None
+        else:
+            try:
                 obj = json.loads(text)
-                objs = obj if isinstance(obj, list) else [obj]
-        except json.JSONDecodeError as e:
-            raise FewstepError(f"{f}: not valid JSON ({e})") from e
+            except json.JSONDecodeError as e:
+                raise FewstepError(f"{f}: not valid JSON ({e})") from None
+            objs = obj if isinstance(obj, list) else [obj]
         bad = [o for o in objs if not isinstance(o, dict)]
         if bad:
             raise FewstepError(f"{f}: every result must be a JSON object, got {type(bad[0]).__name__}")
+        for o in objs:
+            if not isinstance(o.get("name", ""), str | int | float | type(None)):
+                raise FewstepError(f"{f}: a result's name must be text, got {o['name']!r:.60}")
         rows += objs
     return rows
 

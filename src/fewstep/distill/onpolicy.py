@@ -27,6 +27,7 @@ Training tokens: 0 data tokens; `train_tokens` logs the running total of generat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ import torch
 from fewstep.config import FewstepError
 from fewstep.diffusion.sampling import sample
 from fewstep.distill.ar_teacher import ARDistillation, forward_kl, top_k_targets
-from fewstep.distill.common import Setup
+from fewstep.distill.common import Setup, require
 from fewstep.models import evaluating
 
 
@@ -53,8 +54,10 @@ class OnPolicy(ARDistillation):
         time_cond: bool = False
 
     def __init__(self, config: Config, setup: Setup):
-        if config.decode_steps < 1 or config.states < 1 or config.top_k < 0 or config.block < 0:
-            raise FewstepError("method.decode_steps and method.states must be >= 1, method.top_k and method.block >= 0")
+        require((config.decode_steps >= 1, "decode_steps", config.decode_steps, "must be >= 1"),
+                (config.states >= 1, "states", config.states, "must be >= 1"),
+                (config.top_k >= 0, "top_k", config.top_k, "must be >= 0 (0: the whole vocabulary)"),
+                (config.block >= 0, "block", config.block, "must be >= 0 (0: no blocks)"))
         if config.unmask not in ("confidence", "random"):
             raise FewstepError(f"method.unmask must be 'confidence' or 'random', got {config.unmask!r}")
         if 0 < config.block < setup.seq_len:
@@ -62,8 +65,8 @@ class OnPolicy(ARDistillation):
             if config.unmask != "confidence" or config.decode_steps % n_blocks:
                 raise FewstepError(f"method.block={config.block}: needs unmask = 'confidence' and decode_steps a "
                                    f"multiple of the {n_blocks} blocks")
-        if config.temperature <= 0:
-            raise FewstepError("method.temperature must be > 0")
+        require((math.isfinite(config.temperature) and config.temperature > 0, "temperature", config.temperature,
+                 "must be finite and > 0"))
         super().__init__(config, setup)
 
     @torch.no_grad()

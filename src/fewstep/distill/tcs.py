@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from fewstep.config import FewstepError
 from fewstep.diffusion.mdlm import nelbo, q_xt, sample_t
 from fewstep.distill.ar_teacher import ARDistillation, forward_kl, top_k_targets
-from fewstep.distill.common import Setup
+from fewstep.distill.common import Setup, require
 
 
 class TCS(ARDistillation):
@@ -70,8 +70,8 @@ class TCS(ARDistillation):
             raise FewstepError(f"method.target must be 'prefix', 'taylor' or 'full', got {config.target!r}")
         if config.top_k < 0 or (config.target == "full" and config.top_k < 1):
             raise FewstepError(f"method.top_k={config.top_k}: must be >= 0, and >= 1 for target = 'full'")
-        if config.data_weight < 0 or config.full_chunk < 1:
-            raise FewstepError("method.data_weight must be >= 0 and method.full_chunk >= 1")
+        require((config.data_weight >= 0, "data_weight", config.data_weight, "must be >= 0"),
+                (config.full_chunk >= 1, "full_chunk", config.full_chunk, "must be >= 1"))
         super().__init__(config, setup)
 
     @torch.no_grad()

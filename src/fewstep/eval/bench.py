@@ -202,10 +202,15 @@ def bench_models(preset: str | None, ckpt: str | None, ar_ckpt: str | None, hf: 
         from fewstep.checkpoint import load_model
 
         dlm, dmeta = load_model(ckpt, device)
-        ar, ameta = load_model(ar_ckpt, device) if ar_ckpt else (None, {"kind": "ar"})
-        if dmeta["kind"] != "mdlm" or ameta["kind"] != "ar":
-            raise FewstepError(f"--ckpt must be an MDLM checkpoint (got {dmeta['kind']!r}) and --ar-ckpt an AR "
-                               f"one (got {ameta['kind']!r})")
+        if dmeta["kind"] != "mdlm":
+            raise FewstepError(f"--ckpt must be an MDLM checkpoint, got a {dmeta['kind']!r} one")
+        ar, ameta = load_model(ar_ckpt, device) if ar_ckpt else (None, {"kind": "ar", "data": dmeta["data"]})
+        if ameta["kind"] != "ar":
+            raise FewstepError(f"--ar-ckpt must be an AR checkpoint, got a {ameta['kind']!r} one")
+        if (ameta["data"].get("tokenizer"), ameta["data"].get("vocab_size")) != (
+                dmeta["data"].get("tokenizer"), dmeta["data"].get("vocab_size")):
+            raise FewstepError(f"--ar-ckpt uses tokenizer {ameta['data'].get('tokenizer')!r} but --ckpt "
+                               f"{dmeta['data'].get('tokenizer')!r}: their tokens (and latencies) would not compare")
         info.update(ckpt=dmeta["ckpt"], ar_ckpt=ar_ckpt, weights="checkpoint")
     lm = None
     if hf == "random" and preset:
@@ -272,7 +277,23 @@ def bench_from_args(args, log=print, on_row=None) -> tuple[list[dict], dict]:
         raise FewstepError("give either --preset NAME --random-weights or --ckpt DLM [--ar-ckpt AR]")
     if args.preset and not args.random_weights:
         raise FewstepError("--preset times random weights: add --random-weights")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for key, low in (("repeats", 1), ("warmup", 0), ("length", 1)):
+        if getattr(args, key) is not None and getattr(args, key) < low:
+            raise FewstepError(f"--{key}={getattr(args, key)} must be >= {low}")
+    if args.hf not in (None, "random", "none", "smollm2") and not str(args.hf).startswith("hf:"):
+        raise FewstepError(f"--hf {args.hf!r}: give 'random', 'smollm2', 'hf:<path or id>' or 'none'")
+    from fewstep.checkpoint import _device
+
+    device = _device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    p = PRESETS.get(args.preset or "", {})
+    pick = lambda key, default: (_ints(getattr(args, key), "--" + key.replace("_", "-")) if getattr(args, key)
+                                 else p.get(key, default))
+    grid = dict(steps=pick("steps", [1, 4, 16, 64]), batches=pick("batches", [1]), lengths=pick("lengths", []),
+                sweep_steps=pick("sweep_steps", [1]))
+    for key, values in grid.items():
+        if any(v < 1 for v in values) or (key == "batches" and not values):
+            raise FewstepError(f"--{key.replace('_', '-')}={','.join(map(str, values)) or 'none'}: give "
+                               f"{'at least one value, each' if key == 'batches' else 'values'} >= 1")
     precision = "bf16" if args.precision != "fp32" and device.type == "cuda" else "fp32"  # autocast: CUDA only
     hf = args.hf or ("random" if args.preset and importlib.util.find_spec("transformers") else None)
     dlm, ar, lm, info = bench_models(args.preset, args.ckpt, args.ar_ckpt, None if hf == "none" else hf, device)
@@ -285,12 +306,7 @@ def bench_from_args(args, log=print, on_row=None) -> tuple[list[dict], dict]:
         ar = ar.to(torch.bfloat16) if ar is not None else None
         lm = lm.to(torch.bfloat16) if lm is not None else None
     info.update(weights_dtype="bf16" if fast else "fp32", cuda_graphs=fast, dlm_compiled=compile_)
-    p = PRESETS.get(args.preset or "", {})
     length = args.length or p.get("length") or dlm.backbone.seq_len
-    pick = lambda key, default: (_ints(getattr(args, key), "--" + key.replace("_", "-")) if getattr(args, key)
-                                 else p.get(key, default))
-    grid = dict(steps=pick("steps", [1, 4, 16, 64]), batches=pick("batches", [1]), lengths=pick("lengths", []),
-                sweep_steps=pick("sweep_steps", [1]))
     meta = {**info, **provenance(device), "repeats": args.repeats, "warmup": args.warmup, "command": " ".join(sys.argv)}
     guidance = None
     if getattr(args, "guide", None):

@@ -6,8 +6,11 @@ seed), as the measurement protocol asks, so result rows can be compared and repo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from fewstep.config import FewstepError
 from fewstep.eval.entropy import unigram_entropy
 from fewstep.eval.genppl import PROTOCOL, documents, generative_perplexity
 from fewstep.eval.speed import timed
@@ -38,8 +41,6 @@ def sample_eval(
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if guidance is not None and getattr(guidance, "temperature", temperature) != temperature:
-        from fewstep.config import FewstepError
-
         raise FewstepError(f"the guidance hook samples at temperature {guidance.temperature}, the sampler at "
                            f"{temperature}: build it with the same temperature")
     batch = min(batch or n, n)
@@ -91,13 +92,27 @@ def evaluate_checkpoint(ckpt, *, steps=(1, 4, 16, 64), n: int = 64, batch: int |
 
     Every row carries the validation numbers (val_ppl, val_bound, val_mc, val_tokens) and its own settings.
     """
-    from fewstep.checkpoint import load_model
+    from fewstep.checkpoint import _device, load_model
     from fewstep.data import get_tokenizer
     from fewstep.eval.judge import load_judge
     from fewstep.eval.likelihood import val_ppl
-    from fewstep.eval.tasks import run_task
+    from fewstep.eval.tasks import check_task_spec, run_task
+    from fewstep.pipeline import check_sampling
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # every argument before minutes of val PPL and sampling, not after
+    if not steps:
+        raise FewstepError("--steps: give at least one step count")
+    for k in steps:
+        check_sampling(n=n, steps=k, length=None, batch=batch, seed=seed, temperature=1.0, top_p=1.0)
+    for key, value, low in (("val-batches", val_batches, 0), ("val-mc", val_mc, 1), ("task-n", task_n, 1),
+                            ("task-mc", task_mc, 1)):
+        if value < low:
+            raise FewstepError(f"--{key}={value} must be >= {low}")
+    for spec in tasks:
+        check_task_spec(spec)
+    if data_dir is not None and not (Path(data_dir) / "meta.json").is_file():
+        raise FewstepError(f"--data-dir {data_dir} is not a built data dir (no meta.json): fewstep data first")
+    device = _device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = precision if device.type == "cuda" else "fp32"  # bf16 autocast is CUDA-only: record what ran
     model, meta = load_model(ckpt, device)
     tok = get_tokenizer(meta["data"]["tokenizer"])

@@ -120,8 +120,35 @@ def _rows(source: str, n: int | None) -> list[dict]:
     path = Path(source).expanduser()
     if not path.is_file():
         raise FewstepError(f"task file {source!r} does not exist")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise FewstepError(f"task file {source!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise FewstepError(f"task file {source!r} line {i}: not JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise FewstepError(f"task file {source!r} line {i}: a row must be a JSON object, got {line[:40]!r}")
+        rows.append(row)
     return rows[:n] if n else rows
+
+
+def _text(r: dict, key: str, source: str) -> str:
+    if not isinstance(r.get(key), str):
+        raise FewstepError(f"{source}: a row needs a text field {key!r} (got {r.get(key)!r:.60})")
+    return r[key]
+
+
+def _texts(r: dict, key: str, source: str) -> list[str]:
+    v = r.get(key)
+    if not isinstance(v, list) or len(v) < 2 or not all(isinstance(e, str) for e in v):
+        raise FewstepError(f"{source}: a row needs {key!r} as a list of at least 2 strings (got {v!r:.60})")
+    return v
 
 
 def _label(label, n: int, source: str) -> int:
@@ -148,12 +175,15 @@ def load_multiple_choice(source: str, n: int | None = None) -> list[MCItem]:
     items = []
     for r in _rows(source, n):
         if "endings" in r and "ctx_a" in r:
-            ctx = f"{r.get('activity_label', '')}: {r['ctx_a']} {r.get('ctx_b', '').capitalize()}"  # as lm-eval
-            ctx, endings, label = _hellaswag_text(ctx), [_hellaswag_text(e) for e in r["endings"]], r["label"]
+            ctx = (f"{_text(r, 'activity_label', source) if 'activity_label' in r else ''}: "
+                   f"{_text(r, 'ctx_a', source)} {_text(r, 'ctx_b', source).capitalize()}")  # as lm-eval
+            endings = [_hellaswag_text(e) for e in _texts(r, "endings", source)]
+            ctx, label = _hellaswag_text(ctx), r.get("label")
         elif "endings" in r:
-            ctx, endings, label = r["ctx"], r["endings"], r["label"]
+            ctx, endings, label = _text(r, "ctx", source), _texts(r, "endings", source), r.get("label")
         elif "choices" in r:
-            ctx, endings, label = f"{r['question'].strip()}\nAnswer:", r["choices"], r["answer"]
+            ctx = f"{_text(r, 'question', source).strip()}\nAnswer:"
+            endings, label = _texts(r, "choices", source), r.get("answer")
         else:
             raise FewstepError(f"{source}: a multiple-choice row needs ctx/endings/label or question/choices/answer")
         label = _label(label, len(endings), source)
@@ -165,7 +195,7 @@ def load_cloze(source: str, n: int | None = None) -> list[ClozeItem]:
     """LAMBADA rows {text} from JSONL or `hf:`: the last whitespace-separated word is the target."""
     items = []
     for r in _rows(source, n):
-        ctx, _, word = r["text"].strip().rpartition(" ")
+        ctx, _, word = _text(r, "text", source).strip().rpartition(" ")
         if not ctx:
             raise FewstepError(f"{source}: a cloze row needs at least two words")
         items.append(ClozeItem(ctx, " " + word))
@@ -228,6 +258,14 @@ def score_cloze(model, meta, tokenizer, items: list[ClozeItem], *, mc: int = 32,
     return {"acc": float(greedy.double().mean()) if len(items) else 0.0,
             "ppl": math.exp(min(-float(lp.sum()) / max(n_tok, 1), 50.0)),
             "ppl_word": math.exp(min(-float(lp.sum()) / max(len(items), 1), 50.0)), "n_items": len(items)}
+
+
+def check_task_spec(spec: str) -> None:
+    kind, _, source = spec.partition(":")
+    if not ((kind in ("cloze", "mc") and not source) or (kind in ("lambada", "hellaswag", "mmlu") and source)):
+        raise FewstepError(f"unknown task {spec!r}: use cloze, mc, lambada:<src>, hellaswag:<src> or mmlu:<src>")
+    if not source.startswith("hf:") and source and not Path(source).expanduser().is_file():
+        raise FewstepError(f"task file {source!r} does not exist")
 
 
 def run_task(spec: str, model, meta, tokenizer, *, n: int = 200, mc: int = 32, seed: int = 0, data_dir=None,
