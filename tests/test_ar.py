@@ -83,6 +83,15 @@ def test_compiled_decode_step_compiles_once_and_samples_the_eager_tokens():
         compiled, frames = _three_generations(model, counter, **kw)
         again, _ = _three_generations(_model().float(), counter, **kw)  # a second model of the same shape
         assert counter.frame_count == frames[-1]
+        # the static cache (and on CUDA its captured graph) is one per model and shape, reused by every
+        # generation: a capture inside each timed generation made the AR baseline look slower
+        (entry,) = fewstep.ar._STATIC[model].values()
+        assert entry["state"]["pos_t"].item() == 15 and len(entry["k"]) == model.n_layers  # last decoded position
+        prompt = torch.full((3, 4), 29)  # another prompt length, the same total: the same buffers, stale K/V masked
+        kw_p = {**kw, "length": 13}
+        got = ar_sample(model, prompt=prompt, compile=counter, generator=torch.Generator().manual_seed(5), **kw_p)
+        assert len(fewstep.ar._STATIC[model]) == 1
+        assert torch.equal(got, ar_sample(model, prompt=prompt, generator=torch.Generator().manual_seed(5), **kw_p))
     finally:
         torch._dynamo.reset()
         fewstep.ar._COMPILED.pop(counter, None)

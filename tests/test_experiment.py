@@ -202,6 +202,18 @@ def test_changed_eval_setting_reruns_only_its_stages(experiment):
     assert {r["n_samples"] for r in _rows(results / "samples.jsonl")} == {2}
 
 
+def test_logging_settings_and_ar_val_are_not_stage_settings(experiment):
+    """How a stage logs, evaluates and saves does not change what it produces: changing it reruns nothing (it was
+    refused as "trained with other settings"); AR validation is exact, so val_mc reruns the MDLM's only."""
+    path, _, _ = experiment
+    quiet, same_eval = dict(log=lambda msg: None), ["--eval.n=2", "--eval.batch=2"]  # as the test above left them
+    logging = ["--train.log_every=3", "--train.eval_batches=1", "--distill.train.log_every=2", "--train.keep_last=1"]
+    assert run_experiment(str(path), [*same_eval, *logging], **quiet)["stages_run"] == []
+    ran = run_experiment(str(path), [*same_eval, "--eval.val_mc=2"], **quiet)["stages_run"]
+    assert sorted(ran) == ["val/mdlm_2048x1", "val/mdlm_2048x2"]
+    run_experiment(str(path), same_eval, **quiet)  # back to the fixture's val_mc for the tests below
+
+
 def test_changed_training_setting_is_refused_then_rerun_with_dependents(experiment):
     path, results, _ = experiment
     quiet = dict(log=lambda msg: None)

@@ -170,6 +170,30 @@ def test_fused_draw_at_a_low_temperature_draws_the_mode():
             assert (draw == 2).all(), (fused, temperature, draw.bincount(minlength=5))
 
 
+def test_rope_tables_built_before_compiling_compile_the_model_once():
+    """Built lazily inside the first compiled forward, the RoPE tables changed an attribute dynamo guards on, so
+    every compiled model (training with train.compile, the bench's compiled denoiser) compiled twice."""
+    from torch._dynamo.testing import CompileCounter
+
+    from fewstep.models import rope_tables
+    from fewstep.models.inference import for_inference
+
+    x, t = torch.randint(0, 20, (2, 24)), torch.rand(2)
+    counts = []
+    for prepare in (False, True):
+        torch._dynamo.reset()
+        model = _tiny_denoiser(time_cond=False)
+        if prepare:
+            rope_tables(model)
+        cnt = CompileCounter()
+        compiled = torch.compile(model, backend=cnt)
+        compiled(x, t)
+        compiled(x, t)
+        counts.append(cnt.frame_count)
+    assert counts == [2, 1]
+    assert for_inference(_tiny_denoiser(time_cond=False), "cpu").backbone._rope_len >= 24  # built up front
+
+
 def test_oracle_sampler_reproduces_the_chain():
     """Many small steps with the exact denoiser draw from the true joint distribution."""
     chain = MarkovChain(vocab=2, seed=4)

@@ -5,6 +5,7 @@ Sequences are packed blocks of documents joined with EOS, so generation starts f
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -76,16 +77,24 @@ def ar_sample(
         cuda_graph = kv_cache and device.type == "cuda"
     if (cuda_graph or compile) and not kv_cache:
         raise ValueError("cuda_graph and compile need kv_cache=True")
-    cache = model.new_cache(x.shape[0], x.shape[1] + length, device) if kv_cache else None
+    decode = cache = None
+    if kv_cache and (cuda_graph or compile):  # static cache: buffers (and graph) kept per shape across generations
+        step = _compiled_step(compile) if compile else decode_step
+        key = (x.shape[0], x.shape[1] + length, str(device), precision, step, bool(cuda_graph))
+        entry = _STATIC.setdefault(model, {}).get(key)
+        if entry is None:
+            new = model.new_cache(x.shape[0], x.shape[1] + length, device)
+            entry = _STATIC[model][key] = {"k": new.k, "v": new.v, "state": {}}
+        cache = KVCache(entry["k"], entry["v"])  # dynamic mode for the prefill; stale later positions are masked
+        decode = _static_decode(model, cache, step, precision, cuda_graph=cuda_graph, warmup=2 if compile else 1,
+                                state=entry["state"])
+    elif kv_cache:
+        cache = model.new_cache(x.shape[0], x.shape[1] + length, device)
 
     def forward(inp):
         with autocast(device, precision):
             return model(inp, cache=cache)[:, -1] if cache is not None else model(inp)[:, -1]  # (B, V)
 
-    decode = None
-    if cache is not None and (cuda_graph or compile):
-        step = _compiled_step(compile) if compile else decode_step
-        decode = _static_decode(model, cache, step, precision, cuda_graph=cuda_graph, warmup=2 if compile else 1)
     out = []
     logits = forward(x)  # prefill (or the whole prefix without a cache)
     for i in range(length):
@@ -124,25 +133,35 @@ def _compiled_step(backend: bool | str | Callable) -> Callable:
     return _COMPILED[backend]
 
 
-def _static_decode(model, cache, step, precision: str, *, cuda_graph: bool, warmup: int = 1):
+_STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {shape key: static cache entry}
+
+
+def _static_decode(model, cache, step, precision: str, *, cuda_graph: bool, warmup: int = 1,
+                   state: dict | None = None):
     """decode(token (B,)) -> logits (B, V) of the next position: `step` on the static cache, replayed from a
     CUDA graph with cuda_graph.
 
     Switched to static mode after the prefill has run (first call): the step writes K/V at cache.pos_t, which is
     advanced in place after each step. With cuda_graph the returned logits live in the graph's output buffer until
-    the next call.
+    the next call. `state` (the token and position buffers, the graph) persists across generations of one shape
+    over the same K/V buffers: the graph is captured once, not inside every timed generation.
     """
-    state: dict = {}
+    state = {} if state is None else state
+    started = []
 
     def run(tok: torch.Tensor) -> torch.Tensor:  # tok: (B, 1)
         return step(model, tok, cache.k, cache.v, cache.pos_t, precision)
 
     def decode(tok: torch.Tensor) -> torch.Tensor:
-        if not state:
-            cache.pos_t = torch.tensor([cache.pos], device=tok.device)
-            state["tok"] = tok[:, None].clone()
-            if cuda_graph:  # the warm-up writes K/V at pos_t too: the replay below rewrites that same position
+        if not started:
+            started.append(True)
+            if "pos_t" not in state:
+                state["pos_t"], state["tok"] = torch.zeros(1, dtype=torch.long, device=tok.device), tok[:, None].clone()
+            cache.pos_t = state["pos_t"]
+            cache.pos_t.fill_(cache.pos)  # the first position after this generation's prefill
+            if cuda_graph and "graph" not in state:  # the warm-up writes K/V at pos_t too: the replay rewrites it
                 state["graph"], state["out"] = capture(run, state["tok"], warmup=warmup)
+                state["rope"] = (getattr(model, "_rope_cos", None), getattr(model, "_rope_sin", None))  # kept alive
         else:
             cache.pos_t.add_(1)
         state["tok"].copy_(tok[:, None])

@@ -32,9 +32,11 @@ from tqdm import tqdm
 from fewstep import checkpoint, parallel
 from fewstep.config import FewstepError, RunConfig, to_dict
 from fewstep.diffusion.sampling import autocast
+from fewstep.models import rope_tables
 
 # Dense bf16 tensor-core peaks; the first name found in the device name wins (PCIe and NVL H100s before SXM).
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+                   "A100": 312e12,
                    "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 
@@ -296,6 +298,7 @@ def _fit(task, cfg: RunConfig, *, train_data, val_data, meta: dict, device: torc
     for m in modules.values():
         m.train()
         if tc.compile:  # compiles forward in place; the state dict keeps its keys, so checkpoints are unchanged
+            rope_tables(m)  # not lazily inside the compiled forward: that compiled it twice
             m.compile()
     micro = tc.batch_size // (world * tc.grad_accum)
     if micro * world * tc.grad_accum != tc.batch_size:

@@ -100,6 +100,12 @@ def _equal_steps(gen: list[dict]) -> list[dict]:
     return out
 
 
+def _params(grid) -> str:
+    """'854,528 (AR) / 854,784 (MDLM)': the MDLM has one more embedding row (the mask token)."""
+    n = {r["kind"]: r.get("params") for r in grid if r.get("params")}
+    return " / ".join(f"{_fmt(v)} ({k.upper()})" for k, v in sorted(n.items())) or "?"
+
+
 def _plots(out: Path, grid, gen, bench, ref) -> list[Path]:
     lines = {}
     for r in grid:
@@ -165,7 +171,7 @@ def write(out_dir: str, grid: list[dict], gen: list[dict], bench: list[dict], in
     one = gen[0] if gen else {}
     val_tokens = next((r.get("val_tokens") for r in grid if r["kind"] == "mdlm"), None)
     setup = (f"Data `{d['corpus']}` ({d['tokenizer']} tokens), model d={m['d_model']} x {m['n_layers']} layers, "
-             f"L={m['seq_len']}, {_fmt(grid[0].get('params'))} parameters (AR and MDLM alike), batch "
+             f"L={m['seq_len']}, {_params(grid)} parameters, batch "
              f"{cfg['base']['train']['batch_size']}. Judge `{info['judge']}`; {ev['n']} samples per row, "
              f"seed {ev['seed']}, float64 sampling, greedy tail {'on' if ev['greedy_tail'] else 'off'}, "
              f"{one.get('precision', 'fp32')} on {one.get('device', '?')}; latency: batch {ev['bench_batch']}, "
@@ -258,8 +264,7 @@ def summary_md(name, setup, cross, speed, equal, bench, info, ref, gen=(), pngs=
         b = lat[0]
         lines += [f"**Latency of one batch** (s; batch {b.get('batch')}, L={b.get('seq_len')}, "
                   f"{b.get('device_name') or b.get('device') or ''}; AR: KV-cached, the same length).", "",
-                  by_steps([{**r, "name": "AR KV-cache" if r.get("kind") == "ar" else r["name"]} for r in lat],
-                           lambda r: f"{r['latency_s']:.4g}"),
+                  by_steps(lat, lambda r: f"{r['latency_s']:.4g}"),
                   *img("latency_vs_steps"), *img("gen_ppl_vs_latency")]
     lines += ["", f"**Distillation** (teacher(s) {', '.join(info['teachers'])}; judge `{info['judge']}`)."]
     for s in speed:
@@ -285,14 +290,18 @@ def summary_md(name, setup, cross, speed, equal, bench, info, ref, gen=(), pngs=
     sure = [e for e in wins if (e.get("z_below_teacher") or 0) >= 2]
     lines.append(f"- At equal step counts students have lower gen PPL than the teacher in {len(wins)} of "
                  f"{len(equal)} (student, steps) pairs; {len(sure)} of them by more than 2 standard errors.")
-    ar = [b for b in bench if b.get("kind") == "ar" and b.get("latency_s")]
-    t_ref = [b for b in bench if b.get("role") == "teacher" and b.get("steps") == ref and b.get("latency_s")]
-    if ar and t_ref:
-        fast = min((b for b in bench if b.get("kind") == "mdlm" and b.get("latency_s")), key=lambda b: b["latency_s"])
-        lines += ["", f"**Latency** (batch {ar[0]['batch']}, L={ar[0]['seq_len']}, {ar[0].get('device_name') or ''}): "
-                  f"KV-cached AR {ar[0]['latency_s']:.4g} s, teacher @{ref} {t_ref[0]['latency_s']:.4g} s "
-                  f"({_fmt(t_ref[0].get('speedup_vs_ar'))}x AR's speed), fastest DLM setting {fast['name']} "
-                  f"@{fast['steps']} {fast['latency_s']:.4g} s ({_fmt(fast.get('speedup_vs_ar'))}x)."]
+    for g in dict.fromkeys(b.get("group") for b in bench):  # per teacher group: its own AR timing, same process
+        rows = [b for b in bench if b.get("group") == g and b.get("latency_s")]
+        ar = [b for b in rows if b.get("kind") == "ar"]
+        t_ref = [b for b in rows if b.get("role") == "teacher" and b.get("steps") == ref]
+        dlm = [b for b in rows if b.get("kind") == "mdlm"]
+        if ar and t_ref and dlm:
+            fast = min(dlm, key=lambda b: b["latency_s"])
+            lines += ["", f"**Latency**{f' ({g})' if len(set(b.get('group') for b in bench)) > 1 else ''} (batch "
+                      f"{ar[0]['batch']}, L={ar[0]['seq_len']}, {ar[0].get('device_name') or ''}): "
+                      f"KV-cached AR {ar[0]['latency_s']:.4g} s, teacher @{ref} {t_ref[0]['latency_s']:.4g} s "
+                      f"({_fmt(t_ref[0].get('speedup_vs_ar'))}x AR's speed), fastest DLM setting {fast['name']} "
+                      f"@{fast['steps']} {fast['latency_s']:.4g} s ({_fmt(fast.get('speedup_vs_ar'))}x)."]
     times = info.get("stage_seconds", {})
     total = sum(v for v in times.values() if v)
     lines += ["", f"Time: {total:.0f} s for all {len(times)} stages (as recorded when each ran); "

@@ -59,15 +59,15 @@ class Runner:
         path = self.runs / "stages" / f"{name}.json"
         key = json.loads(json.dumps(key, default=str))
         if out:
-            self.fp[out] = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+            self.fp[out] = hashlib.sha1(json.dumps(_what_counts(key), sort_keys=True).encode()).hexdigest()[:12]
         if path.is_file():
             done = json.loads(path.read_text(encoding="utf-8"))
-            if done.get("key") == key:
+            if _what_counts(done.get("key")) == _what_counts(key):
                 self.log(f"[skip] {name}: done")
                 self.seconds[name] = done.get("seconds")
                 return done["result"]
             if out and checkpoint.latest(out) is not None and not self.report_only:  # would mix two configs
-                what = _diff(done.get("key"), key)
+                what = _diff(_what_counts(done.get("key")), _what_counts(key))
                 raise FewstepError(f"{out} was trained with other settings ({what}): delete it, or set "
                                    "experiment.runs_dir to start the experiment afresh")
         if self.report_only:
@@ -110,7 +110,8 @@ class Runner:
             model, meta = load_model(run["ckpt"], self.device)
             return val_ppl(model, meta, max_batches=self.ex.eval.val_batches, mc=self.ex.eval.val_mc,
                            device=self.device)
-        key = {"ckpt": run, "val_batches": self.ex.eval.val_batches, "val_mc": self.ex.eval.val_mc}
+        key = {"ckpt": run, "val_batches": self.ex.eval.val_batches,  # AR's NLL is exact: no time samples
+               **({"val_mc": self.ex.eval.val_mc} if run["kind"] != "ar" else {})}
         return {**run, **self.stage(f"val/{name}", key, fn), "name": name}
 
     def run(self) -> dict:
@@ -134,6 +135,9 @@ class Runner:
         for t in ex.distill.teachers:
             pool = (mdlm if t == "all" else [r for r in mdlm if (r["unique_tokens"] or float("inf")) == top]
                     if t == "largest" else [r for r in mdlm if label(r["unique_tokens"], r["epochs"]) == t])
+            if not pool:  # report-only, before this teacher's stages are done
+                self.missing.append(f"teacher {t}")
+                continue
             for r in pool if t == "all" else [min(pool, key=lambda r: r["val_nll"])]:  # largest: best epochs
                 picked[label(r["unique_tokens"], r["epochs"])] = r
         many = len(picked) > 1
@@ -148,6 +152,7 @@ class Runner:
                 cfg = copy.deepcopy(ex.methods[m])
                 src = ar if getattr(_methods()[m], "teacher_kinds", ("mdlm",)) == ("ar",) else teacher
                 cfg.method["teacher"], cfg.train.out_dir = src["ckpt"], str(self.runs / "distill" / f"{m}_{tl}")
+                cfg.data.unique_tokens = src["unique_tokens"]  # the teacher's data budget, no more unique tokens
                 from fewstep.distill.run import distill
 
                 with self.optional() as done:
@@ -168,7 +173,8 @@ class Runner:
         gen, bench = [], []
         for g in dict.fromkeys(mod["group"] for mod in models):  # first: a run cut during the gen stages keeps them
             with self.optional():
-                bench += self.bench(g, [mod for mod in models if mod["group"] == g and mod["role"] != "ar"])
+                ar_name = next(mod["name"] for mod in models if mod["group"] == g and mod["role"] == "ar")
+                bench += self.bench(g, [mod for mod in models if mod["group"] == g and mod["role"] != "ar"], ar_name)
         for mod in models:
             with self.optional():
                 if judge is None:
@@ -203,7 +209,10 @@ class Runner:
         """The judge spec: our own AR checkpoint as "ckpt:<path>", or a smollm2 / hf: spec unchanged."""
         j = self.ex.judge
         if j.spec == "best_ar":
-            return "ckpt:" + min((r for r in grid if r["kind"] == "ar"), key=lambda r: r["val_nll"])["ckpt"]
+            ars = [r for r in grid if r["kind"] == "ar"]
+            if not ars:  # report-only, before any AR stage is done
+                raise Missing("the judge (best_ar: no AR run done yet)")
+            return "ckpt:" + min(ars, key=lambda r: r["val_nll"])["ckpt"]
         if j.spec == "train":
             self.judge_run = self.validate(self.pretrain("ar", j.unique_tokens, j.epochs, "judge", j.max_steps),
                                            "judge")
@@ -260,9 +269,9 @@ class Runner:
     def _guide_key(self, guide: bool) -> dict:
         return {"rgas": self._rgas()} if guide else {}  # unguided stages keep their keys from before RGAS rows
 
-    def bench(self, group: str, mods: list[dict]) -> list[dict]:
-        """Latency rows of every DLM of one teacher group (mods) and of its AR model, timed in one process; the AR
-        model once, first, and every speed-up over it from that one timing."""
+    def bench(self, group: str, mods: list[dict], ar_name: str = "AR") -> list[dict]:
+        """Latency rows of every DLM of one teacher group (mods) and of its AR model (`ar_name`), timed in one
+        process; the AR model once, first, and every speed-up over it from that one timing."""
         ev, g = self.ex.eval, self._rgas()
 
         def one(mod: dict, ar: bool) -> list[dict]:
@@ -281,8 +290,10 @@ class Runner:
                                     "--guide-candidates", str(g["candidates"]), "--guide-rerank",
                                     str(g["rerank"])] if mod.get("guide") else [])])
             rows, _ = bench_from_args(args, log=lambda msg: None)
-            return [{**r, "name": mod["name"] if r.get("kind") == "mdlm" else "AR KV-cache", "model": mod["name"],
-                     "role": mod["role"], "group": group} for r in rows]
+            return [{**r, "name": mod["name"], "model": mod["name"], "role": mod["role"], "group": group}
+                    if r.get("kind") == "mdlm" else
+                    {**r, "name": f"{ar_name} KV-cache", "model": ar_name, "role": "ar", "group": group}
+                    for r in rows]
 
         def fn() -> list[dict]:
             rows = [r for i, m in enumerate(mods) for r in one(m, ar=i == 0)]
@@ -296,6 +307,19 @@ class Runner:
                "ar": mods[0]["ar"], "ar_fp": self.fp.get(mods[0]["ar"]), "batch": ev.bench_batch,
                "repeats": ev.bench_repeats, "length": self.ex.base.model.seq_len}
         return self.stage(f"bench/{group}", key, fn)
+
+
+def _what_counts(key):
+    """A stage key without the run settings that do not change what a training stage produces (how it logs,
+    evaluates, saves and executes: `train.RESUME_MAY_CHANGE`, except its length), so changing them neither reruns
+    a stage nor refuses its checkpoint, as a plain resume allows."""
+    from fewstep.train import RESUME_MAY_CHANGE
+
+    if not (isinstance(key, dict) and isinstance(key.get("train"), dict) and isinstance(key.get("data"), dict)):
+        return key
+    drop = RESUME_MAY_CHANGE - {"train.max_steps"}
+    return {**key, **{sec: {k: v for k, v in key[sec].items() if f"{sec}.{k}" not in drop}
+                      for sec in ("train", "data")}}
 
 
 def _diff(old, new, where: str = "") -> str:

@@ -26,6 +26,12 @@ def evaluating(*modules: nn.Module):
             m.train(w)
 
 
+def rope_tables(module: nn.Module) -> list:
+    """Every Transformer's RoPE tables inside `module`, built now on its device (`Transformer.rope_tables`): call
+    before compiling or capturing it."""
+    return [m.rope_tables() for m in module.modules() if isinstance(m, Transformer)]
+
+
 def build_model(cfg, vocab_size: int) -> nn.Module:
     """A masked denoiser (vocab + 1 mask token), a uniform-state denoiser (always time-conditioned) or a causal LM."""
     from fewstep.config import FewstepError

@@ -9,21 +9,31 @@ it within the step). The AR baseline gets the same treatment in `fewstep.ar.ar_s
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
+
+from fewstep.models import rope_tables
 
 
 def capture(fn, *args, warmup: int = 2):
     """(graph, out): fn(*args) captured in a CUDA graph after `warmup` runs on a side stream (kernel selection,
-    compilation); replaying the graph recomputes `out` in place from the current contents of `args`."""
+    compilation); replaying the graph recomputes `out` in place from the current contents of `args`.
+
+    Under an enclosing autocast, the capture runs with autocast's weight cache off: cached bf16 copies of float32
+    weights are freed when that autocast block exits, and a replay would read freed memory; uncached, the casts
+    are part of the graph."""
+    no_cache = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+                if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), no_cache:
         for _ in range(warmup):
             fn(*args)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), no_cache:
         out = fn(*args)
     return graph, out
 
@@ -47,8 +57,12 @@ class GraphedDenoiser:
         key = (tuple(x_t.shape), tuple(t.shape))
         if key not in self.graphs:
             sx, st = x_t.clone(), t.clone()
-            self.graphs[key] = (*capture(self.fn, sx, st), sx, st)
-        graph, out, sx, st = self.graphs[key]
+            graph, out = capture(self.fn, sx, st)
+            # the RoPE tables this graph read stay referenced: a longer input later replaces the model's tables,
+            # and the graph would then read freed memory
+            rope = [(m._rope_cos, m._rope_sin) for m in self.model.modules() if getattr(m, "_rope_len", 0)]
+            self.graphs[key] = (graph, out, sx, st, rope)
+        graph, out, sx, st, _ = self.graphs[key]
         sx.copy_(x_t)
         st.copy_(t)
         graph.replay()
@@ -64,6 +78,7 @@ def for_inference(model: nn.Module, device, *, bf16: bool | None = None, compile
     device = torch.device(device)
     cuda = device.type == "cuda"
     model = model.to(device).eval()
+    rope_tables(model)  # before compiling or capturing: lazily inside the compiled call it compiled twice
     if bf16 if bf16 is not None else cuda:
         model = model.to(torch.bfloat16)
     if cuda_graph if cuda_graph is not None else cuda:

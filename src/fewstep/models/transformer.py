@@ -182,6 +182,12 @@ class Transformer(nn.Module):
             self._rope_cos, self._rope_sin, self._rope_len = cos, sin, n
         return self._rope_cos, self._rope_sin
 
+    def rope_tables(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Build the RoPE tables for seq_len positions now, outside any compiled or captured region: built lazily
+        in the first compiled forward, they made dynamo compile the whole model twice (its guard on the table
+        length changed after the first call). Returns them (a CUDA graph keeps them alive)."""
+        return self._rope(self.seq_len, device if device is not None else self.head.weight.device)
+
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         p = self.head.weight
         cache = KVCache.empty(self.n_layers, batch, self.n_heads, max_len, self.head_dim, device or p.device,
