@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/performance.md in one command, the headline numbers first. Parts 5 2 4 (the
-# default's first three) fit one 600 s call: about 500 s of limits; parts 3 1 7 in a second call; part 6 (the
+# default's first three) fit one 600 s call: about 550 s of limits; parts 3 1 7 in a second call; part 6 (the
 # small experiment, about 6-7 minutes, estimated) alone. Each part has its own time limit; a failing or cut part is
 # reported and the next one runs. Results are appended to bench/results/*.jsonl as usual; with OUT=<dir>, the
 # lines each part added and the log are copied there as soon as that part ends, so a cut call keeps them.
@@ -60,7 +60,7 @@ run 5 200 "$PY" bench/speed.py --preset owt-small-shape --random-weights --compi
     --lengths none --repeats 3 --hf none
 run 2 110 "$PY" bench/roofline.py --preset owt-small-shape --append
 run 2 40 "$PY" bench/draw.py --device cuda --rows 1024
-run 4 150 "$PY" bench/train_throughput.py --device cuda --preset small_mdlm --procs 1 --steps 60 --log-every 15 \
+run 4 200 "$PY" bench/train_throughput.py --device cuda --preset small_mdlm --procs 1 --steps 60 --log-every 15 \
     train.compile=true $OWT_SHAPE train.batch_size=64
 run 3 90 "$PY" bench/loss_head.py --device cuda --batch 32 --len 1024 --d-model 768 --layers 12 --heads 12
 run 1 200 "$PY" -m pytest -q -m gpu tests

@@ -65,11 +65,12 @@ def ar_sample(
     With kv_cache the prompt is prefilled once and each new token costs one single-position forward pass;
     without it every step re-runs the whole prefix (the reference the cached path is tested against).
     cuda_graph (default: on CUDA with kv_cache) and compile switch the decode step to the static cache
-    (models/transformer.py, KVCache): `decode_step`, whose inputs are tensors only. cuda_graph captures it once per
-    generation and replays it per token; compile (True: torch.compile's default backend, or a backend name or
-    callable) runs it compiled: compiled when a shape first appears, then reused without recompiling by every
-    later generation of that shape (tests/test_ar.py counts the compilations). The float64 draw stays outside
-    the graph.
+    (models/transformer.py, KVCache): `decode_step`, whose inputs are tensors only. The static cache's buffers are
+    kept per model and shape and reused by every later generation of that shape; cuda_graph captures the step once
+    per model and shape (not inside every timed generation) and replays it per token; compile (True:
+    torch.compile's default backend, or a backend name or callable) runs it compiled: compiled when a shape first
+    appears, then reused without recompiling by every later generation of that shape (tests/test_ar.py counts
+    the compilations). The float64 draw stays outside the graph.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     x = prompt.to(device) if prompt is not None else torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
