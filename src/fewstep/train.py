@@ -34,10 +34,9 @@ from fewstep.config import FewstepError, RunConfig, to_dict
 from fewstep.diffusion.sampling import autocast
 from fewstep.models import rope_tables
 
-# Dense bf16 tensor-core peaks; the first name found in the device name wins (PCIe and NVL H100s before SXM).
+# Dense bf16 tensor-core peaks; the first name found in the device name wins (PCIe and NVL parts before SXM).
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
-                   "A100": 312e12,
-                   "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+                   "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
