@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fewstep.diffusion.sampling import autocast, filter_probs, sample_categorical
+from fewstep.models import rope_tables
 from fewstep.models.inference import capture
 from fewstep.models.transformer import KVCache
 
@@ -162,7 +163,7 @@ def _static_decode(model, cache, step, precision: str, *, cuda_graph: bool, warm
             cache.pos_t.fill_(cache.pos)  # the first position after this generation's prefill
             if cuda_graph and "graph" not in state:  # the warm-up writes K/V at pos_t too: the replay rewrites it
                 state["graph"], state["out"] = capture(run, state["tok"], warmup=warmup)
-                state["rope"] = (getattr(model, "_rope_cos", None), getattr(model, "_rope_sin", None))  # kept alive
+                state["rope"] = rope_tables(model)  # the tables the graph reads, kept alive
         else:
             cache.pos_t.add_(1)
         state["tok"].copy_(tok[:, None])

@@ -16,19 +16,16 @@ from pathlib import Path
 def run_demo(out_dir: str = "runs/demo", overrides: list[str] = (), steps: str = "1,4,16,64", n: int = 16,
              device: str = "cpu") -> list[dict]:
     from fewstep.checkpoint import load_model
-    from fewstep.config import FewstepError, int_list, load
+    from fewstep.config import int_list, load
     from fewstep.data import ensure, get_tokenizer
     from fewstep.eval.harness import sample_eval
     from fewstep.eval.judge import ar_judge
-    from fewstep.pipeline import check_sampling, pretrain
+    from fewstep.pipeline import check_steps, pretrain
     from fewstep.report import markdown_table, plot
 
     t_start = time.perf_counter()
     step_list = int_list(steps, "--steps")  # before minutes of training, not after
-    if not step_list:
-        raise FewstepError(f"--steps={steps!r}: give at least one step count")
-    for k in step_list:
-        check_sampling(n=n, steps=k, length=None, batch=None, seed=0, temperature=1.0, top_p=1.0)
+    check_steps(step_list, n=n)
     out = Path(out_dir)
     cfgs = {kind: load(f"tiny_{kind}", [f"--train.out_dir={out / kind}", *overrides]) for kind in ("mdlm", "ar")}
     print(f"[1/4] data: {cfgs['mdlm'].data.corpus} corpus, {cfgs['mdlm'].data.tokenizer} tokens "

@@ -61,6 +61,14 @@ def check_sampling(*, n, steps, length, batch, seed, temperature, top_p) -> None
             raise FewstepError(f"sampling argument {name}={value!r} is invalid: must be {rule}")
 
 
+def check_steps(steps, *, n: int, batch: int | None = None, seed: int = 0) -> None:
+    """A step list and the sample settings used with each of its step counts, before any work."""
+    if not steps:
+        raise FewstepError("--steps: give at least one step count")
+    for k in steps:
+        check_sampling(n=n, steps=k, length=None, batch=batch, seed=seed, temperature=1.0, top_p=1.0)
+
+
 @torch.no_grad()
 def generate(model, meta: dict, *, n: int, steps: int, length: int | None = None, batch: int | None = None,
              seed: int = 0, greedy_tail: bool = False, temperature: float = 1.0, top_p: float = 1.0,

@@ -97,13 +97,10 @@ def evaluate_checkpoint(ckpt, *, steps=(1, 4, 16, 64), n: int = 64, batch: int |
     from fewstep.eval.judge import load_judge
     from fewstep.eval.likelihood import val_ppl
     from fewstep.eval.tasks import check_task_spec, run_task
-    from fewstep.pipeline import check_sampling
+    from fewstep.pipeline import check_steps
 
     # every argument before minutes of val PPL and sampling, not after
-    if not steps:
-        raise FewstepError("--steps: give at least one step count")
-    for k in steps:
-        check_sampling(n=n, steps=k, length=None, batch=batch, seed=seed, temperature=1.0, top_p=1.0)
+    check_steps(steps, n=n, batch=batch, seed=seed)
     for key, value, low in (("val-batches", val_batches, 0), ("val-mc", val_mc, 1), ("task-n", task_n, 1),
                             ("task-mc", task_mc, 1)):
         if value < low:

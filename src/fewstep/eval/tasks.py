@@ -261,6 +261,7 @@ def score_cloze(model, meta, tokenizer, items: list[ClozeItem], *, mc: int = 32,
 
 
 def check_task_spec(spec: str) -> None:
+    """One line for a task spec `run_task` cannot run (checked before any work by `fewstep eval`)."""
     kind, _, source = spec.partition(":")
     if not ((kind in ("cloze", "mc") and not source) or (kind in ("lambada", "hellaswag", "mmlu") and source)):
         raise FewstepError(f"unknown task {spec!r}: use cloze, mc, lambada:<src>, hellaswag:<src> or mmlu:<src>")
@@ -272,6 +273,7 @@ def run_task(spec: str, model, meta, tokenizer, *, n: int = 200, mc: int = 32, s
              batch_size: int = 32, device=None) -> dict:
     """One task row. spec: 'cloze' | 'mc' (held-out text), 'lambada:<src>', 'hellaswag:<src>', 'mmlu:<src>'
     where <src> is a JSONL path or hf:<dataset>[:config][@split]."""
+    check_task_spec(spec)
     kind, _, source = spec.partition(":")
     if kind in ("cloze", "mc") and not source:
         from fewstep.data.stream import check_tokens
@@ -286,10 +288,8 @@ def run_task(spec: str, model, meta, tokenizer, *, n: int = 200, mc: int = 32, s
         name = f"{kind}-heldout"
     elif kind == "lambada" and source:
         items, name = load_cloze(source, n), "lambada"
-    elif kind in ("hellaswag", "mmlu") and source:
+    else:  # hellaswag:<src> or mmlu:<src>
         items, name = load_multiple_choice(source, n), kind
-    else:
-        raise FewstepError(f"unknown task {spec!r}: use cloze, mc, lambada:<src>, hellaswag:<src> or mmlu:<src>")
     if not items:
         raise FewstepError(f"task {spec!r}: no items")
     cloze = isinstance(items[0], ClozeItem)

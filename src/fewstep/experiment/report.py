@@ -290,14 +290,15 @@ def summary_md(name, setup, cross, speed, equal, bench, info, ref, gen=(), pngs=
     sure = [e for e in wins if (e.get("z_below_teacher") or 0) >= 2]
     lines.append(f"- At equal step counts students have lower gen PPL than the teacher in {len(wins)} of "
                  f"{len(equal)} (student, steps) pairs; {len(sure)} of them by more than 2 standard errors.")
-    for g in dict.fromkeys(b.get("group") for b in bench):  # per teacher group: its own AR timing, same process
+    groups = list(dict.fromkeys(b.get("group") for b in bench))
+    for g in groups:  # per teacher group: its own AR timing, same process
         rows = [b for b in bench if b.get("group") == g and b.get("latency_s")]
         ar = [b for b in rows if b.get("kind") == "ar"]
         t_ref = [b for b in rows if b.get("role") == "teacher" and b.get("steps") == ref]
         dlm = [b for b in rows if b.get("kind") == "mdlm"]
         if ar and t_ref and dlm:
             fast = min(dlm, key=lambda b: b["latency_s"])
-            lines += ["", f"**Latency**{f' ({g})' if len(set(b.get('group') for b in bench)) > 1 else ''} (batch "
+            lines += ["", f"**Latency**{f' ({g})' if len(groups) > 1 else ''} (batch "
                       f"{ar[0]['batch']}, L={ar[0]['seq_len']}, {ar[0].get('device_name') or ''}): "
                       f"KV-cached AR {ar[0]['latency_s']:.4g} s, teacher @{ref} {t_ref[0]['latency_s']:.4g} s "
                       f"({_fmt(t_ref[0].get('speedup_vs_ar'))}x AR's speed), fastest DLM setting {fast['name']} "

@@ -60,8 +60,7 @@ class GraphedDenoiser:
             graph, out = capture(self.fn, sx, st)
             # the RoPE tables this graph read stay referenced: a longer input later replaces the model's tables,
             # and the graph would then read freed memory
-            rope = [(m._rope_cos, m._rope_sin) for m in self.model.modules() if getattr(m, "_rope_len", 0)]
-            self.graphs[key] = (graph, out, sx, st, rope)
+            self.graphs[key] = (graph, out, sx, st, rope_tables(self.model))
         graph, out, sx, st, _ = self.graphs[key]
         sx.copy_(x_t)
         st.copy_(t)
