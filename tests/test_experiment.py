@@ -186,6 +186,7 @@ def test_report_only_runs_nothing_and_reports_what_is_done(pydoc_data, tmp_path,
         monkeypatch.setattr(mod, fn, boom)
     out = run_experiment(str(cfg), log=lambda msg: None, report_only=True)
     assert out["stages_run"] == [] and not (stages / "gen" / "sdtt.json").exists()
+    assert "written from the stage files alone (no stage ran)" in (tmp_path / "results" / "SUMMARY.md").read_text()
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     assert sorted(summary["stages_missing"]) == ["bench/2048x2", "gen/sdtt", "train/ar_2048x1"]
     gen = _rows(tmp_path / "results" / "samples.jsonl")
@@ -341,12 +342,14 @@ def test_bad_config_is_one_line(experiment, capsys, override, needle):
 
 
 def test_presets_parse():
-    tiny, small, paper = load("tiny"), load("small"), load("paper")
+    tiny, repeated, small, paper = load("tiny"), load("repeated"), load("small"), load("paper")
     assert tiny.base.data.tokenizer == "byte" and tiny.judge.spec == "best_ar"
+    assert repeated.base.model == tiny.base.model and max(repeated.experiment.epochs) >= 64  # the regime's depth
+    assert repeated.methods["sdtt"].method["round_steps"] == 100  # the method presets' own lengths, not tiny's
     assert small.base.data.tokenizer == "gpt2" and small.judge.spec == "train" and small.judge.epochs <= 10
     assert paper.base.data.tokenizer == "gpt2" and paper.base.data.corpus.startswith("hf:")
     assert paper.base.model.d_model == 768 and paper.base.model.n_layers == 12
-    for ex in (tiny, small, paper):
+    for ex in (tiny, repeated, small, paper):
         assert set(ex.methods) == set(ex.distill.methods) and ex.eval.ref_steps in ex.eval.teacher_steps
     assert {"sdtt", "boot", "idlm", "didi"} <= set(paper.distill.methods)
     with pytest.raises(FewstepError, match="unknown experiment config"):
@@ -395,7 +398,9 @@ def test_crossover_is_ar_ahead_then_mdlm_ahead_only():
                            for k, vals in (("ar", ar), ("mdlm", md)) for e, v in zip((1, 4, 16), vals)]
     (c,) = crossover(grid([2.0, 1.9, 2.1], [2.2, 1.8, 1.7]))
     assert c["crossover"] and c["verdict"] == "crossover: AR ahead up to E=1, MDLM (bound) ahead from E=4" + \
-        "; AR's held-out NLL is lowest at E=4 and rises after it (over-fitting)"
+        "; AR's held-out NLL is lowest at E=4 and rises after it (over-fitting)" + \
+        "; best of each: AR 1.900 (E=4), MDLM 1.700 (E=16), MDLM ahead by 0.200 nats"
+    assert c["best_ar"] == [4, 1.9] and c["best_mdlm"] == [16, 1.7]
     (c,) = crossover(grid([2.0, 1.9, 1.8], [1.9, 2.0, 1.9]))
     assert not c["crossover"] and c["verdict"].startswith("mixed: MDLM (bound) ahead at E=1")
     (c,) = crossover(grid([2.0, 1.9, 1.8], [1.9, 1.8, 1.9]))
