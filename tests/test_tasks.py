@@ -99,7 +99,7 @@ def test_loaders_read_hellaswag_mmlu_and_lambada_jsonl(tmp_path):
 
 
 @pytest.mark.parametrize("content, needle", [
-    (b'{"text": "a b"}\nnot json\n', "line 2: not JSON"),
+    (b'{"text": "a b"}\nnot json\n', "line 2: not valid JSON"),
     (b"\xff\xfe{}", "is not UTF-8"),
     (b"5\n", "line 1: a row must be a JSON object"),
     (b'{"txt": "a b"}', "a row needs a text field 'text'"),
@@ -109,6 +109,17 @@ def test_bad_cloze_files_are_one_clear_error(tmp_path, content, needle):
     (tmp_path / "t.jsonl").write_bytes(content)
     with pytest.raises(FewstepError, match=needle):
         load_cloze(str(tmp_path / "t.jsonl"))
+
+
+def test_task_rows_may_hold_raw_line_separators(tmp_path):
+    """JSON strings may hold U+2028 raw; the task reader (now the corpora's JSONL reader) splits on newlines only:
+    str.splitlines() cut such a row in two and called it not JSON."""
+    (tmp_path / "t.jsonl").write_text('{"text": "one\u2028two three"}\n{"text": "four five"}\n', encoding="utf-8")
+    items = load_cloze(str(tmp_path / "t.jsonl"))
+    assert [i.target for i in items] == [" three", " five"] and items[0].context == "one\u2028two"
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError traceback before
+    with pytest.raises(FewstepError, match="line 1: JSON nested too deeply"):
+        load_cloze(str(tmp_path / "deep.jsonl"))
 
 
 @pytest.mark.parametrize("row, needle", [

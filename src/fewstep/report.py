@@ -51,12 +51,9 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> list[dict]:
         except (OSError, UnicodeDecodeError) as e:
             raise FewstepError(f"{f}: cannot read it as UTF-8 text ({e})") from None
         if f.suffix == ".jsonl":
-            objs = []
-            for i, line in enumerate(text.splitlines(), 1):
-                try:
-                    objs += [json.loads(line)] if line.strip() else []
-                except json.JSONDecodeError as e:
-                    raise FewstepError(f"{f} line {i}: not valid JSON ({e})") from None
+            from fewstep.data.sources import jsonl_lines
+
+            objs = [obj for _, obj in jsonl_lines(text, lambda i, f=f: f"{f} line {i}")]
         else:
             try:
                 obj = json.loads(text)

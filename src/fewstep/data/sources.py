@@ -100,18 +100,26 @@ def _paragraph_docs(text: str) -> list[str]:
     return docs
 
 
-def _jsonl_docs(text: str, path: Path) -> list[str]:
-    docs = []
+def jsonl_lines(text: str, where) -> list[tuple[int, object]]:
+    """(line number, value) of every non-blank line of a JSONL text; a bad line is one FewstepError that starts with
+    `where(line number)`. Shared by every JSONL reader (corpora, task files, result files)."""
+    out = []
     # split on "\n" only: str.splitlines() would also cut at U+2028 etc., which JSON strings may hold raw
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            out.append((n, json.loads(line)))
         except ValueError as e:  # JSONDecodeError, or an integer literal beyond Python's digit limit
-            raise FewstepError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)})") from None
+            raise FewstepError(f"{where(n)}: not valid JSON ({getattr(e, 'msg', e)})") from None
         except RecursionError:
-            raise FewstepError(f"{path}:{n}: JSON nested too deeply") from None
+            raise FewstepError(f"{where(n)}: JSON nested too deeply") from None
+    return out
+
+
+def _jsonl_docs(text: str, path: Path) -> list[str]:
+    docs = []
+    for n, obj in jsonl_lines(text, lambda n: f"{path}:{n}"):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise FewstepError(f'{path}:{n}: expected a JSON object with a string field "text"')
         try:  # "\ud800" is valid JSON but no tokenizer can encode a lone surrogate

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from fewstep.config import FewstepError
+from fewstep.data.sources import jsonl_lines
 
 
 @dataclass
@@ -121,19 +122,14 @@ def _rows(source: str, n: int | None) -> list[dict]:
     if not path.is_file():
         raise FewstepError(f"task file {source!r} does not exist")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise FewstepError(f"task file {source!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise FewstepError(f"task file {source!r} line {i}: not JSON ({e})") from None
+    for i, row in jsonl_lines(text, lambda i: f"task file {source!r} line {i}"):
         if not isinstance(row, dict):
-            raise FewstepError(f"task file {source!r} line {i}: a row must be a JSON object, got {line[:40]!r}")
+            raise FewstepError(f"task file {source!r} line {i}: a row must be a JSON object, got "
+                               f"{json.dumps(row)[:40]!r}")
         rows.append(row)
     return rows[:n] if n else rows
 
