@@ -217,6 +217,12 @@ def test_bad_method_settings_are_one_clear_error(teacher, tmp_path, change, matc
     ("didi", {"match_beta": 2}, "method.match_beta=2"),
     ("idlm", {"loss_eps": 1.5}, "method.loss_eps=1.5 must be in \\(0, 1\\)"),
     ("idlm", {"loss_eps": 0}, "method.loss_eps=0.0 must be in"),
+    ("idlm", {"fake_steps": 0}, "method.fake_steps=0 must be >= 1"),
+    ("idlm", {"data_weight": -1}, "method.data_weight=-1.0 must be >= 0"),
+    ("idlm", {"t_min": 0.5, "t_max": 0.2}, "method.t_min/t_max=\\(0.5, 0.2\\) must satisfy"),
+    ("idlm", {"relax": "gaussian"}, "method.relax='gaussian' needs a uniform-state teacher"),
+    ("sdtt", {"loss_dtype": "float16"}, "method.loss_dtype='float16' must be float32 or float64"),
+    ("boot", {"r2": "some"}, "method.r2='some' must be 'jump' or 'all'"),
 ])
 def test_out_of_range_method_settings_name_their_key(teacher, tmp_path, name, change, match):
     """Values that raised ZeroDivisionError or trained silently with a meaningless setting."""

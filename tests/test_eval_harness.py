@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -204,12 +205,21 @@ def test_val_ppl_exact_for_ar_and_bound_for_dlm(pydoc_data):
         hand = float(ar_nll(ar, x).sum()) / (x.shape[0] * 31)
     assert out["val_nll"] == pytest.approx(hand, rel=1e-5) and out["val_ppl"] == pytest.approx(math.exp(hand))
     assert out["val_bound"] is False and out["val_tokens"] == x.shape[0] * 31
+    with torch.no_grad():  # each sequence's NLL per token, in order, and the standard error of their mean
+        per = (ar_nll(ar, x) / 31).tolist()
+    assert out["val_seq_nll"] == pytest.approx(per, rel=1e-5) and len(per) == x.shape[0] == 8
+    assert out["val_nll_se"] == pytest.approx(statistics.stdev(per) / math.sqrt(8), rel=1e-4)
     probs = torch.softmax(torch.randn(257, generator=torch.Generator().manual_seed(0)), -1)
     dlm = Unigram(probs.tolist(), denoiser=True)  # factorised: its NELBO is (1 - eps) * its exact NLL
     out = val_ppl(dlm, meta_for("mdlm", 32, 256, pydoc_data), batch_size=4, max_batches=2, mc=64)
     exact = float(-probs.log()[x].mean())
     assert out["val_bound"] and out["val_mc"] == 64 and out["val_tokens"] == x.numel()
     assert out["val_nll"] == pytest.approx(exact, rel=0.03)
+    assert statistics.fmean(out["val_seq_nll"]) == pytest.approx(out["val_nll"], rel=1e-9)  # equal token counts
+    hand = [float(-probs.log()[row].mean()) for row in x]  # each sequence's exact NLL, which its bound estimates
+    err = lambda ref: sum(abs(a - b) for a, b in zip(out["val_seq_nll"], ref))
+    assert out["val_seq_nll"] == pytest.approx(hand, rel=0.1) and err(hand) < err(hand[1:] + hand[:1])  # in order
+    assert out["val_nll_se"] == pytest.approx(statistics.stdev(out["val_seq_nll"]) / math.sqrt(8), rel=1e-9)
     wrong = {**meta_for("ar", 32, 256, pydoc_data), "data": {"eos_id": 50256, "tokenizer": "gpt2", "dir": "x"}}
     with pytest.raises(FewstepError, match="tokenizer='byte' but the model was trained with 'gpt2'"):
         val_ppl(ar, wrong, str(pydoc_data), batch_size=4, max_batches=1)  # another data dir's tokens: one line

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -124,6 +125,25 @@ def test_end_to_end_report(experiment):
     assert f"{t1['entropy']:.3f}" in short.split("| teacher | ")[1].split("\n")[0]  # the pivot shows the rows
     assert "## Validation" in md and "## Speed-up at matched gen PPL" in md and "| sdtt |" in md
     assert cross["verdict"] in short and "crossover" in short
+
+
+def test_pretraining_only_study(pydoc_data, tmp_path):
+    """distill.methods = []: the grid, its best MDLM and its AR model are measured, nothing is distilled, and the
+    report says so instead of showing empty student tables; an empty list elsewhere is still an error."""
+    text = REDUCED.split("[distill]")[0] + "[distill]\nmethods = []\n\n[eval]" + REDUCED.split("[eval]")[1]
+    path = tmp_path / "ci.toml"
+    path.write_text(text.format(runs=tmp_path / "runs", results=tmp_path / "results", data=pydoc_data, index=""))
+    out = run_experiment(str(path), ["--experiment.epochs=1"], log=lambda msg: None)
+    assert not [s for s in out["stages_run"] if s.startswith("distill/")]
+    gen = _rows(tmp_path / "results" / "samples.jsonl")
+    assert [(r["name"], r["steps"]) for r in gen] == [("teacher", 1), ("teacher", 4), ("AR", 32)]
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert summary["matched_speedup"] == [] and summary["equal_steps"] == []
+    short, md = (tmp_path / "results" / "SUMMARY.md").read_text(), (tmp_path / "results" / "results.md").read_text()
+    assert "none in this experiment (distill.methods = [])" in short and "students have lower" not in short
+    assert "## Students vs teacher" not in md and "## Speed-up at matched" not in md and "## Latency" in md
+    with pytest.raises(FewstepError, match="eval.student_steps: expected a non-empty list"):
+        run_experiment(str(path), ["--eval.student_steps=[]"], log=lambda msg: None)
 
 
 def test_experiment_under_torchrun(experiment, pydoc_data, tmp_path):
@@ -349,7 +369,10 @@ def test_presets_parse():
     assert small.base.data.tokenizer == "gpt2" and small.judge.spec == "train" and small.judge.epochs <= 10
     assert paper.base.data.tokenizer == "gpt2" and paper.base.data.corpus.startswith("hf:")
     assert paper.base.model.d_model == 768 and paper.base.model.n_layers == 12
-    for ex in (tiny, repeated, small, paper):
+    long = load("repeated_long")  # the repeated preset's 25k budget, longer, pre-training alone
+    assert long.base == repeated.base and long.distill.methods == [] and long.methods == {}
+    assert set(repeated.experiment.epochs) < set(long.experiment.epochs) and long.experiment.unique_tokens == [25_000]
+    for ex in (tiny, repeated, long, small, paper):
         assert set(ex.methods) == set(ex.distill.methods) and ex.eval.ref_steps in ex.eval.teacher_steps
     assert {"sdtt", "boot", "idlm", "didi"} <= set(paper.distill.methods)
     with pytest.raises(FewstepError, match="unknown experiment config"):
@@ -401,6 +424,15 @@ def test_crossover_is_ar_ahead_then_mdlm_ahead_only():
         "; AR's held-out NLL is lowest at E=4 and rises after it (over-fitting)" + \
         "; best of each: AR 1.900 (E=4), MDLM 1.700 (E=16), MDLM ahead by 0.200 nats"
     assert c["best_ar"] == [4, 1.9] and c["best_mdlm"] == [16, 1.7]
+    assert c["diff_se"] == [None] * 3 and c["best_diff_se"] is None  # no per-sequence NLLs: no standard error
+    rows = grid([2.0, 1.9, 2.1], [2.2, 1.8, 1.7])
+    for r in rows:  # three held-out sequences, the same for every run: AR @4 = (1.8, 1.9, 2.0), MDLM @16 = (1.5, ...)
+        r["val_seq_nll"] = [r["val_nll"] + d for d in ((-0.1, 0.0, 0.1) if r["kind"] == "ar" else (-0.2, 0.0, 0.2))]
+    (c,) = crossover(rows)
+    se = statistics.stdev([-0.1, 0.0, 0.1]) / math.sqrt(3)  # differences (MDLM - AR): -0.3, -0.2, -0.1
+    assert c["best_diff_se"] == pytest.approx(se) and c["diff_se"] == pytest.approx([se] * 3)
+    assert c["verdict"].endswith(f"MDLM ahead by 0.200 nats ({0.2 / se:.1f} standard errors, paired over 3 held-out "
+                                 "sequences)")
     (c,) = crossover(grid([2.0, 1.9, 1.8], [1.9, 2.0, 1.9]))
     assert not c["crossover"] and c["verdict"].startswith("mixed: MDLM (bound) ahead at E=1")
     (c,) = crossover(grid([2.0, 1.9, 1.8], [1.9, 1.8, 1.9]))

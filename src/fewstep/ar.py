@@ -40,8 +40,9 @@ class ARObjective:
         return {"model": loss}, {"nll": loss.detach()}
 
     @torch.no_grad()
-    def validate(self, x: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
-        return {"nats": ar_nll(self.model, x).sum().item(), "tokens": x.shape[0] * (x.shape[1] - 1)}
+    def validate(self, x: torch.Tensor, generator: torch.Generator) -> dict:
+        nll = ar_nll(self.model, x)  # (B,)
+        return {"nats": nll.sum().item(), "tokens": x.shape[0] * (x.shape[1] - 1), "seq_nats": nll.double().cpu()}
 
 
 @torch.no_grad()

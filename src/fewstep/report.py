@@ -196,9 +196,9 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
 def line_plot(lines: dict[str, list[tuple[float, float]]], path: str | Path, *, title: str, xlabel: str,
               ylabel: str, logx: int = 0, logy: bool = False, refs: dict[str, float] | None = None) -> Path | None:
     """One PNG with a line per label (a single point draws as a marker) and a dashed horizontal line per entry of
-    `refs`; None (no file written) when there is no data. logx: 0 (linear) or the log base (2: plain-number ticks
-    for steps and epochs; 10: for times)."""
-    lines = {k: sorted(p for p in v if _num(p[0]) and _num(p[1])) for k, v in lines.items()}
+    `refs`; None (no file written) when there is no data. A point is (x, y) or (x, y, err): err draws a +-err bar
+    (None: none). logx: 0 (linear) or the log base (2: plain-number ticks for steps and epochs; 10: for times)."""
+    lines = {k: sorted((p for p in v if _num(p[0]) and _num(p[1])), key=lambda p: p[:2]) for k, v in lines.items()}
     lines = {k: v for k, v in lines.items() if v}
     if not lines:
         return None
@@ -210,7 +210,9 @@ def line_plot(lines: dict[str, list[tuple[float, float]]], path: str | Path, *, 
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for label, pts in lines.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        err = [p[2] if len(p) > 2 and _num(p[2]) else 0.0 for p in pts]
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err if any(err) else None, marker="o",
+                    capsize=3, label=label)
     for label, y in (refs or {}).items():
         if _num(y):
             ax.axhline(y, linestyle="--", linewidth=1, color="gray", label=label)

@@ -217,18 +217,31 @@ class _Logger:
             self.tb.close()
 
 
-def evaluate(task, val_data, batch_size: int, max_batches: int, device) -> dict[str, float]:
-    """Validation NLL per token (a NELBO bound for DLMs, exact for AR) with a fixed noise seed."""
+def evaluate(task, val_data, batch_size: int, max_batches: int, device, per_seq: bool = False) -> dict:
+    """Validation NLL per token (a NELBO bound for DLMs, exact for AR) with a fixed noise seed; where the task
+    gives each sequence's nats (seq_nats), also val_nll_se, the standard error of val_nll over the sequences (all
+    have the same token count), and with per_seq the sequences' NLLs per token (val_seq_nll)."""
     gen = torch.Generator(device=device).manual_seed(1234)
     nats = tokens = 0.0
+    seq = []  # (b,) per batch: NLL per token of each sequence
     for x in val_data.iter_eval(batch_size, max_batches=max_batches):
         out = task.validate(x.to(device), gen)
         nats, tokens = nats + out["nats"], tokens + out["tokens"]
+        if seq is not None and "seq_nats" in out:
+            seq.append(out["seq_nats"] * (x.shape[0] / out["tokens"]))
+        else:
+            seq = None
     if not tokens:
         raise FewstepError("the validation split has no block to score: rebuild the data with a larger "
                            "data.val_fraction or lower model.seq_len")
     nll = nats / tokens
-    return {"val_nll": nll, "val_ppl": math.exp(min(nll, 50.0))}
+    row = {"val_nll": nll, "val_ppl": math.exp(min(nll, 50.0))}
+    if seq:
+        per = torch.cat(seq)  # (N,)
+        row["val_nll_se"] = (per.std() / math.sqrt(len(per))).item() if len(per) > 1 else None
+        if per_seq:
+            row["val_seq_nll"] = per.tolist()
+    return row
 
 
 # Settings a resumed run may change: how it logs, evaluates, saves and runs, and how long it trains. Any other

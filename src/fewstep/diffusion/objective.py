@@ -46,7 +46,9 @@ class DiffusionObjective:
         return {"model": loss}, {"nelbo": loss.detach()}
 
     @torch.no_grad()
-    def validate(self, x0: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
-        """Summed NELBO (nats) of a validation batch; a fixed generator makes the estimate repeatable."""
+    def validate(self, x0: torch.Tensor, generator: torch.Generator) -> dict:
+        """Summed NELBO (nats) of a validation batch, and each sequence's (seq_nats, (B,)); a fixed generator makes
+        the estimate repeatable."""
         t = sample_t(x0.shape[0], x0.device, antithetic=True, eps=self.eps, generator=generator)
-        return {"nats": self.nelbo(x0, t, generator).sum().item(), "tokens": x0.numel()}
+        nelbo = self.nelbo(x0, t, generator)  # (B,)
+        return {"nats": nelbo.sum().item(), "tokens": x0.numel(), "seq_nats": nelbo.double().cpu()}

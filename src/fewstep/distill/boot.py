@@ -54,7 +54,7 @@ import torch
 
 from fewstep.config import FewstepError
 from fewstep.diffusion.sampling import sample, time_grid
-from fewstep.distill.common import FixedPrediction, Halving, Setup
+from fewstep.distill.common import FixedPrediction, Halving, Setup, require
 from fewstep.distill.divergences import get_divergence
 from fewstep.models import evaluating
 
@@ -77,10 +77,9 @@ class BOOT:
         self.cfg, self.s = config, setup
         self.div = get_divergence(config.divergence)
         self.rounds = Halving(config.start_steps, config.min_steps, config.round_steps)
-        if config.r2 not in ("jump", "all"):
-            raise FewstepError(f"method.r2 must be 'jump' or 'all', got {config.r2!r}")
-        if config.loss_dtype not in ("float32", "float64"):
-            raise FewstepError(f"method.loss_dtype must be float32 or float64, got {config.loss_dtype!r}")
+        require((config.r2 in ("jump", "all"), "r2", config.r2, "must be 'jump' or 'all'"),
+                (config.loss_dtype in ("float32", "float64"), "loss_dtype", config.loss_dtype,
+                 "must be float32 or float64"))
         self.student, self.teacher = setup.student, setup.teacher
 
     def trainable(self):

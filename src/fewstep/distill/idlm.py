@@ -67,11 +67,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fewstep.config import FewstepError
 from fewstep.diffusion.mdlm import sample_t
 from fewstep.diffusion.sampling import full_precision, sample_categorical
 from fewstep.diffusion.schedule import weight
-from fewstep.distill.common import Setup
+from fewstep.distill.common import Setup, require
 from fewstep.models import evaluating
 
 
@@ -154,26 +153,21 @@ class IDLM:
 
     def __init__(self, config: Config, setup: Setup):
         self.cfg, self.s = config, setup
-        if config.fake_steps < 1 or config.student_steps < 1 or config.steps < 1:
-            raise FewstepError("method.fake_steps, student_steps and steps must be >= 1")
-        if not config.data_weight >= 0:
-            raise FewstepError(f"method.data_weight must be >= 0, got {config.data_weight}")
-        if not config.fake_lr_scale > 0:
-            raise FewstepError(f"method.fake_lr_scale must be > 0, got {config.fake_lr_scale}")
-        if not 0.0 < config.t_min <= config.t_max <= 1.0:
-            raise FewstepError(f"need 0 < method.t_min <= method.t_max <= 1, got {config.t_min}, {config.t_max}")
-        if not 0.0 < config.loss_eps < 1.0:
-            raise FewstepError(f"method.loss_eps={config.loss_eps!r} must be in (0, 1) (t' ~ U[loss_eps, 1])")
-        if config.states not in ("data", "student"):
-            raise FewstepError(f"method.states must be 'data' or 'student', got {config.states!r}")
+        c = config
         self.student, self.teacher = setup.student, setup.teacher
         self.masked = setup.mask_id is not None
-        if config.relax not in ("hard", "gaussian"):
-            raise FewstepError(f"method.relax must be 'hard' or 'gaussian', got {config.relax!r}")
-        self.gaussian = config.relax == "gaussian"
-        if self.gaussian and (self.masked or config.context_grad or not config.tau > 0):
-            raise FewstepError("method.relax = 'gaussian' needs a uniform-state teacher, method.tau > 0 and "
-                               "method.context_grad = false")
+        require(*((v >= 1, k, v, "must be >= 1") for k, v in (("fake_steps", c.fake_steps),
+                                                               ("student_steps", c.student_steps), ("steps", c.steps))),
+                (c.data_weight >= 0, "data_weight", c.data_weight, "must be >= 0"),
+                (c.fake_lr_scale > 0, "fake_lr_scale", c.fake_lr_scale, "must be > 0"),
+                (0.0 < c.t_min <= c.t_max <= 1.0, "t_min/t_max", (c.t_min, c.t_max),
+                 "must satisfy 0 < t_min <= t_max <= 1"),
+                (0.0 < c.loss_eps < 1.0, "loss_eps", c.loss_eps, "must be in (0, 1) (t' ~ U[loss_eps, 1])"),
+                (c.states in ("data", "student"), "states", c.states, "must be 'data' or 'student'"),
+                (c.relax in ("hard", "gaussian"), "relax", c.relax, "must be 'hard' or 'gaussian'"),
+                (c.relax != "gaussian" or (not self.masked and not c.context_grad and c.tau > 0), "relax", c.relax,
+                 "needs a uniform-state teacher, method.tau > 0 and method.context_grad = false"))
+        self.gaussian = c.relax == "gaussian"
         self.fake = copy.deepcopy(setup.teacher).requires_grad_(True).train()  # f_hat starts as f*
 
     def trainable(self):

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from fewstep.config import FewstepError
 from fewstep.diffusion.mdlm import nelbo, q_xt, sample_t
 from fewstep.diffusion.sampling import sample, time_grid
-from fewstep.distill.common import Halving, Setup
+from fewstep.distill.common import Halving, Setup, require
 from fewstep.distill.divergences import get_divergence
 
 
@@ -51,15 +51,13 @@ class SDTT:
     def __init__(self, config: Config, setup: Setup):
         self.cfg, self.s = config, setup
         self.div = get_divergence(config.divergence)
-        if config.teacher_steps < 2 or config.teacher_steps % 2:
-            raise FewstepError(f"method.teacher_steps={config.teacher_steps} must be even and >= 2 (the student "
-                               "takes half as many)")
+        require((config.teacher_steps >= 2 and config.teacher_steps % 2 == 0, "teacher_steps", config.teacher_steps,
+                 "must be even and >= 2 (the student takes half as many)"),
+                (config.groups >= 1 and setup.batch % config.groups == 0, "groups", config.groups,
+                 f"must be >= 1 and divide the micro-batch of {setup.batch}"),
+                (config.loss_dtype in ("float32", "float64"), "loss_dtype", config.loss_dtype,
+                 "must be float32 or float64"))
         self.rounds = Halving(config.teacher_steps // 2, config.student_steps, config.round_steps)
-        if config.groups < 1 or setup.batch % config.groups:
-            raise FewstepError(f"method.groups={config.groups} must be >= 1 and divide the micro-batch of "
-                               f"{setup.batch}")
-        if config.loss_dtype not in ("float32", "float64"):
-            raise FewstepError(f"method.loss_dtype must be float32 or float64, got {config.loss_dtype!r}")
         self.student, self.teacher = setup.student, setup.teacher
         # The round-r teacher: a frozen copy with the student's architecture, starting equal to the teacher.
         self.ref = copy.deepcopy(setup.student).requires_grad_(False).eval()

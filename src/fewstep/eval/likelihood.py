@@ -48,15 +48,19 @@ class _MonteCarlo:
     def __init__(self, task, k: int):
         self.task, self.k = task, k
 
-    def validate(self, x0: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+    def validate(self, x0: torch.Tensor, generator: torch.Generator) -> dict:
         outs = [self.task.validate(x0, generator) for _ in range(self.k)]
-        return {"nats": sum(o["nats"] for o in outs) / self.k, "tokens": outs[0]["tokens"]}
+        return {"nats": sum(o["nats"] for o in outs) / self.k, "tokens": outs[0]["tokens"],
+                "seq_nats": sum(o["seq_nats"] for o in outs) / self.k}
 
 
 @torch.no_grad()
 def val_ppl(model, meta: dict, data_dir: str | None = None, *, batch_size: int = 16, max_batches: int = 16,
             mc: int = 4, device=None, precision: str = "fp32") -> dict:
-    """Validation NLL/PPL on the held-out split (NELBO bound for DLMs with `mc` time samples, exact for AR)."""
+    """Validation NLL/PPL on the held-out split (NELBO bound for DLMs with `mc` time samples, exact for AR), its
+    standard error over the held-out sequences (val_nll_se: the spread of the sequences and, for a bound, of its
+    time samples) and each sequence's NLL per token (val_seq_nll, in order: two models scored on the same data dir
+    with the same batches can be compared sequence by sequence)."""
     from fewstep.data import TokenBlocks
     from fewstep.data.stream import check_tokens
     from fewstep.models import evaluating
@@ -71,7 +75,7 @@ def val_ppl(model, meta: dict, data_dir: str | None = None, *, batch_size: int =
     val = TokenBlocks(data_dir or meta["data"]["dir"], "val", seq_len)
     check_tokens(data_dir or meta["data"]["dir"], meta["data"], val.meta)
     with evaluating(model), autocast(device, precision):
-        out = evaluate(task, val, batch_size, max_batches, device)
+        out = evaluate(task, val, batch_size, max_batches, device, per_seq=True)
     n_seq = min(val.n_blocks, batch_size * max_batches)
     return {**out, "val_bound": not is_ar, "val_mc": 1 if is_ar else mc,
             "val_tokens": n_seq * (seq_len - 1 if is_ar else seq_len)}

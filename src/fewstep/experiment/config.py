@@ -38,7 +38,7 @@ class Judge:
 
 @dataclass
 class Distill:
-    methods: list[str] = field(default_factory=lambda: list(MDLM_METHODS))
+    methods: list[str] = field(default_factory=lambda: list(MDLM_METHODS))  # [] = none: pre-training alone
     teachers: list[str] = field(default_factory=lambda: ["largest"])  # largest | all | <unique_tokens>x<epochs>
     preset: str = ""  # base config per method, e.g. "distill_{method}_tiny" ("" = none)
     train: dict = field(default_factory=dict)  # [train] overrides for every method
@@ -84,7 +84,9 @@ def _fill(obj, table: dict, section: str) -> None:
         typ = hints[key]
         if typing.get_origin(typ) is list:
             items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
-            if not items or any(isinstance(v, str) and not v.strip() for v in items):  # "", "4,", [] are errors
+            # "", "4," and [] are errors, except distill.methods = []: a study of pre-training alone
+            empty_ok = (section, key) == ("distill", "methods") and value == []
+            if (not items and not empty_ok) or any(isinstance(v, str) and not v.strip() for v in items):
                 raise FewstepError(f"{section}.{key}: expected a non-empty list, got {value!r}")
             value = [_coerce(v.strip() if isinstance(v, str) else v, typing.get_args(typ)[0], f"{section}.{key}")
                      for v in items]

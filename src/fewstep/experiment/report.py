@@ -2,7 +2,10 @@
 
 Two derived quantities:
 * Crossover (per unique-token budget): the sign of MDLM val NLL - AR val NLL across the epoch counts. The MDLM
-  number is a NELBO upper bound, so "MDLM below AR" is conclusive and "AR below MDLM" is not.
+  number is a NELBO upper bound, so "MDLM below AR" is conclusive and "AR below MDLM" is not, beyond the noise of
+  the estimates: both kinds score the same held-out sequences, so a difference's standard error is that of the
+  per-sequence differences (the sequences' spread and the bound's time samples; the AR side leaves out each
+  sequence's first token).
 * Speed-up at matched gen PPL (per student): k* = the smallest student step count whose gen PPL is <= the
   teacher's gen PPL at its reference step count (eval.ref_steps); speed-up = latency(teacher @ ref) /
   latency(student @ k*), both from the same benchmark settings. Reported with both entropies: a student that
@@ -14,6 +17,8 @@ Two derived quantities:
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 
 from fewstep.eval.genppl import z_gap
@@ -28,6 +33,16 @@ ENTROPY_TOL = 0.05  # a relative entropy drop beyond this is flagged next to a g
 
 def _get(rows, **match):
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _diff_se(grid: list[dict], u: int, e_ar: float, e_mdlm: float) -> float | None:
+    """Standard error of (MDLM @e_mdlm - AR @e_ar) val NLL from their per-sequence NLLs on the same held-out
+    sequences (module doc); None where a run has none (stage files from before they were kept)."""
+    a, m = (_get(grid, kind=k, unique_tokens=u, epochs=e).get("val_seq_nll") for k, e in (("ar", e_ar),
+                                                                                          ("mdlm", e_mdlm)))
+    if not a or not m or len(a) != len(m) or len(a) < 2:
+        return None
+    return statistics.stdev(y - x for x, y in zip(a, m)) / math.sqrt(len(a))
 
 
 def crossover(grid: list[dict]) -> list[dict]:
@@ -56,12 +71,19 @@ def crossover(grid: list[dict]) -> list[dict]:
         ia, im = min(range(len(eps)), key=lambda i: ar[i]), min(range(len(eps)), key=lambda i: md[i])
         if ia < len(eps) - 1:
             verdict += f"; AR's held-out NLL is lowest at {E(ia)} and rises after it (over-fitting)"
+        best_se = _diff_se(grid, u, eps[ia], eps[im])
         if len(eps) > 1:  # each kind at its own best epoch count: what a budget-limited user would train
+            gap = md[im] - ar[ia]
             verdict += (f"; best of each: AR {ar[ia]:.3f} ({E(ia)}), MDLM {md[im]:.3f} ({E(im)}), "
-                        f"{'MDLM' if md[im] < ar[ia] else 'AR'} ahead by {abs(md[im] - ar[ia]):.3f} nats")
+                        f"{'MDLM' if gap < 0 else 'AR'} ahead by {abs(gap):.3f} nats")
+            if best_se:
+                n = len(_get(grid, kind="ar", unique_tokens=u, epochs=eps[ia])["val_seq_nll"])
+                verdict += f" ({abs(gap) / best_se:.1f} standard errors, paired over {n} held-out sequences)"
         out.append({"unique_tokens": u, "epochs": eps, "ar_val_nll": ar, "mdlm_val_nll": md, "mdlm_ahead": ahead,
+                    "diff_se": [_diff_se(grid, u, e, e) for e in eps],
                     "crossover": any(ahead) and not all(ahead) and ahead == sorted(ahead),
-                    "best_ar": [eps[ia], ar[ia]], "best_mdlm": [eps[im], md[im]], "verdict": verdict})
+                    "best_ar": [eps[ia], ar[ia]], "best_mdlm": [eps[im], md[im]], "best_diff_se": best_se,
+                    "verdict": verdict})
     return out
 
 
@@ -113,8 +135,10 @@ def _params(grid) -> str:
 def _plots(out: Path, grid, gen, bench, ref) -> list[Path]:
     lines = {}
     for r in grid:
-        lines.setdefault(f"{r['kind'].upper()} U={r['unique_tokens']:,}", []).append((r["epochs"], r["val_nll"]))
-    made = [line_plot(lines, out / "val_loss_vs_epochs.png", title="Held-out NLL vs epochs (MDLM: NELBO bound)",
+        lines.setdefault(f"{r['kind'].upper()} U={r['unique_tokens']:,}", []).append(
+            (r["epochs"], r["val_nll"], r.get("val_nll_se")))
+    bars = ", bars: ±1 standard error" if any(r.get("val_nll_se") for r in grid) else ""
+    made = [line_plot(lines, out / "val_loss_vs_epochs.png", title=f"Held-out NLL vs epochs (MDLM: NELBO bound{bars})",
                       xlabel="epochs over the unique tokens", ylabel="val NLL (nats/token)", logx=2)]
     drop = ("latency_s", "tokens_per_s", "seconds_per_sample", "speedup_vs_ar")
     made += plot([{**{k: v for k, v in r.items() if k not in drop}, **({"steps": None} if r["role"] == "ar" else {})}
@@ -172,6 +196,7 @@ def write(out_dir: str, grid: list[dict], gen: list[dict], bench: list[dict], in
     pngs = _plots(out, grid, gen, bench, ref)
     cfg, ev = info["config"], info["config"]["eval"]
     m, d = cfg["base"]["model"], cfg["base"]["data"]
+    students = bool(cfg["distill"]["methods"])  # distill.methods = []: a study of pre-training alone
     one = gen[0] if gen else {}
     val_tokens = next((r.get("val_tokens") for r in grid if r["kind"] == "mdlm"), None)
     setup = (f"Data `{d['corpus']}` ({d['tokenizer']} tokens), model d={m['d_model']} x {m['n_layers']} layers, "
@@ -181,10 +206,13 @@ def write(out_dir: str, grid: list[dict], gen: list[dict], bench: list[dict], in
              f"{one.get('precision', 'fp32')} on {one.get('device', '?')}; latency: batch {ev['bench_batch']}, "
              f"median of {ev['bench_repeats']}. Val NLL: {_fmt(val_tokens)} held-out tokens (MDLM; AR scores all "
              f"but each sequence's first), MDLM with {ev['val_mc']} NELBO time samples per sequence.")
+    has_se = any(se is not None for c in cross for se in c.get("diff_se") or [])  # older stage files: none
     val_rows = [{"unique_tokens": c["unique_tokens"], "epochs": e, "ar_val_nll": a, "mdlm_val_nll": md,
-                 "mdlm_minus_ar": md - a, "ahead": "MDLM" if md < a else "AR",
+                 "mdlm_minus_ar": md - a, **({"diff_se": se} if has_se else {}),
+                 "ahead": "MDLM" if md < a else "AR",
                  "train_steps": _get(grid, kind="ar", unique_tokens=c["unique_tokens"], epochs=e)["train_steps"]}
-                for c in cross for e, a, md in zip(c["epochs"], c["ar_val_nll"], c["mdlm_val_nll"])]
+                for c in cross for e, a, md, se in zip(c["epochs"], c["ar_val_nll"], c["mdlm_val_nll"],
+                                                       c.get("diff_se") or [None] * len(c["epochs"]))]
     img = lambda stem: "".join(f"![{p.stem}]({p.name})\n" for p in pngs if p.stem == stem)
     md = [f"# {cfg['experiment']['name']}: repeated data, distillation, speed", "", setup, "",
           "## Validation (held-out; MDLM: NELBO upper bound, AR: exact)", "", _table(val_rows, list(
@@ -192,14 +220,16 @@ def write(out_dir: str, grid: list[dict], gen: list[dict], bench: list[dict], in
           *[f"- U={c['unique_tokens']:,}: {c['verdict']}" for c in cross], "",
           f"## Generative perplexity and entropy (teacher(s): {', '.join(info['teachers'])})", "",
           _table(gen, GEN_COLS), img("gen_ppl_vs_steps"), img("entropy_vs_steps"),
-          "## Students vs teacher at equal steps", "", _table(equal, list(equal[0]) if equal else []),
+          *(["## Students vs teacher at equal steps", "", _table(equal, list(equal[0]) if equal else [])]
+            if students else []),
           "## Latency (one batch, vs KV-cached AR at the same length)", "", _table(bench, BENCH_COLS),
           img("latency_vs_steps"), img("speedup_vs_steps"),
-          f"## Speed-up at matched gen PPL (k*: fewest student steps with gen PPL <= teacher @{ref})", "",
-          _table(speed, list(speed[0]) if speed else []), img("gen_ppl_vs_latency")]
+          *([f"## Speed-up at matched gen PPL (k*: fewest student steps with gen PPL <= teacher @{ref})", "",
+             _table(speed, list(speed[0]) if speed else [])] if students else []), img("gen_ppl_vs_latency")]
     (out / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     (out / "SUMMARY.md").write_text(summary_md(cfg["experiment"]["name"], setup, cross, speed, equal, bench,
-                                               info, ref, gen=gen, pngs=[p.name for p in pngs]), encoding="utf-8")
+                                               info, ref, gen=gen, pngs=[p.name for p in pngs], students=students),
+                                    encoding="utf-8")
     index = cfg["experiment"].get("index")
     if index and out.resolve().is_relative_to(Path(index).resolve().parent):  # results elsewhere: leave it alone
         write_index(index, out.parent)
@@ -240,9 +270,10 @@ def _baseline(s: dict) -> str:
     return f"; {tk} is {zt:.1f} standard errors worse, the student {zs:.1f} below it: a gain from distillation"
 
 
-def summary_md(name, setup, cross, speed, equal, bench, info, ref, gen=(), pngs=()) -> str:
+def summary_md(name, setup, cross, speed, equal, bench, info, ref, gen=(), pngs=(), students=True) -> str:
     """The RESULTS.md section of one experiment: every sentence below is computed from the numbers in
-    summary.json; the tables are the measured rows, pivoted by step count; pngs: the plots written beside it."""
+    summary.json; the tables are the measured rows, pivoted by step count; pngs: the plots written beside it;
+    students: whether any distillation method is configured."""
     img = lambda stem: [f"![{stem}](./{stem}.png)", ""] if f"{stem}.png" in pngs else []
     lines = [f"## Experiment `{name}`", "", setup, ""]
     n_cross = sum(c["crossover"] for c in cross)
@@ -270,7 +301,8 @@ def summary_md(name, setup, cross, speed, equal, bench, info, ref, gen=(), pngs=
                   f"{b.get('device_name') or b.get('device') or ''}; AR: KV-cached, the same length).", "",
                   by_steps(lat, lambda r: f"{r['latency_s']:.4g}"),
                   *img("latency_vs_steps"), *img("gen_ppl_vs_latency")]
-    lines += ["", f"**Distillation** (teacher(s) {', '.join(info['teachers'])}; judge `{info['judge']}`)."]
+    lines += ["", f"**Distillation** (teacher(s) {', '.join(info['teachers'])}; judge `{info['judge']}`)"
+              + ("." if students else ": none in this experiment (distill.methods = []).")]
     for s in speed:
         if s["teacher_gen_ppl"] is None:
             lines.append(f"- {s['student']}: the teacher's @{ref} gen PPL is not measured: no matched-quality claim.")
@@ -292,8 +324,8 @@ def summary_md(name, setup, cross, speed, equal, bench, info, ref, gen=(), pngs=
                      f"{_baseline(s)}.")
     wins = [e for e in equal if e["gen_ppl_ratio"] < 1]
     sure = [e for e in wins if (e.get("z_below_teacher") or 0) >= 2]
-    lines.append(f"- At equal step counts students have lower gen PPL than the teacher in {len(wins)} of "
-                 f"{len(equal)} (student, steps) pairs; {len(sure)} of them by more than 2 standard errors.")
+    lines += [f"- At equal step counts students have lower gen PPL than the teacher in {len(wins)} of {len(equal)} "
+              f"(student, steps) pairs; {len(sure)} of them by more than 2 standard errors."] if students else []
     groups = list(dict.fromkeys(b.get("group") for b in bench))
     for g in groups:  # per teacher group: its own AR timing, same process
         rows = [b for b in bench if b.get("group") == g and b.get("latency_s")]
