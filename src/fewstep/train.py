@@ -219,16 +219,16 @@ class _Logger:
 
 def evaluate(task, val_data, batch_size: int, max_batches: int, device, per_seq: bool = False) -> dict:
     """Validation NLL per token (a NELBO bound for DLMs, exact for AR) with a fixed noise seed; where the task
-    gives each sequence's nats (seq_nats), also val_nll_se, the standard error of val_nll over the sequences (all
-    have the same token count), and with per_seq the sequences' NLLs per token (val_seq_nll)."""
+    gives each sequence's nats (seq_nats), also val_nll_se, the standard error of val_nll over the sequences
+    (genppl.ratio_se, the estimator gen PPL uses), and with per_seq the sequences' NLLs per token (val_seq_nll)."""
     gen = torch.Generator(device=device).manual_seed(1234)
     nats = tokens = 0.0
-    seq = []  # (b,) per batch: NLL per token of each sequence
+    seq = []  # per batch: (seq_nats (b,), tokens per sequence (b,))
     for x in val_data.iter_eval(batch_size, max_batches=max_batches):
         out = task.validate(x.to(device), gen)
         nats, tokens = nats + out["nats"], tokens + out["tokens"]
         if seq is not None and "seq_nats" in out:
-            seq.append(out["seq_nats"] * (x.shape[0] / out["tokens"]))
+            seq.append((out["seq_nats"], torch.full((x.shape[0],), out["tokens"] / x.shape[0], dtype=torch.float64)))
         else:
             seq = None
     if not tokens:
@@ -237,10 +237,13 @@ def evaluate(task, val_data, batch_size: int, max_batches: int, device, per_seq:
     nll = nats / tokens
     row = {"val_nll": nll, "val_ppl": math.exp(min(nll, 50.0))}
     if seq:
-        per = torch.cat(seq)  # (N,)
-        row["val_nll_se"] = (per.std() / math.sqrt(len(per))).item() if len(per) > 1 else None
+        from fewstep.eval.genppl import ratio_se
+
+        a, b = (torch.cat(part) for part in zip(*seq))  # (N,) nats and tokens of each sequence
+        se = ratio_se(a, b)
+        row["val_nll_se"] = None if math.isnan(se) else se
         if per_seq:
-            row["val_seq_nll"] = per.tolist()
+            row["val_seq_nll"] = (a / b).tolist()
     return row
 
 
