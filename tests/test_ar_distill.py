@@ -278,5 +278,12 @@ def test_ar_teacher_errors_are_one_line(ar_teacher, pydoc_data, tmp_path):
     cfg.model.seq_len = 64
     with pytest.raises(FewstepError, match="exceeds the teacher's context of 32"):
         prepare(cfg, "cpu")
-    with pytest.raises(FewstepError, match="method.target"):
-        prepare(ar_cfg(ar_teacher, tmp_path / "r6", "tcs", target="middle"), "cpu")
+    for i, (name, change, match) in enumerate([
+            ("tcs", {"target": "middle"}, "method.target='middle' is invalid: must be 'prefix', 'taylor' or 'full'"),
+            ("tcs", {"target": "full", "top_k": 0}, "method.top_k=0 is invalid: must be >= 0, and >= 1 for"),
+            ("tcs", {"top_k": -1}, "method.top_k=-1 is invalid"),
+            ("onpolicy", {"unmask": "greedy"}, "method.unmask='greedy' is invalid: must be 'confidence' or"),
+            ("onpolicy", {"block": 8, "decode_steps": 3}, "method.block=8 is invalid: needs unmask = 'confidence' "
+             "and decode_steps a multiple of the 4 blocks")]):
+        with pytest.raises(FewstepError, match=match):
+            prepare(ar_cfg(ar_teacher, tmp_path / f"r{6 + i}", name, **change), "cpu")

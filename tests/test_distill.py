@@ -196,7 +196,7 @@ def test_time_conditioned_student_starts_as_the_teacher(teacher, tmp_path):
     ({"name": "nope"}, "unknown distillation method 'nope'.*sdtt"),
     ({"teacher": "/no/such/ckpt"}, "teacher checkpoint /no/such/ckpt does not exist"),
     ({"divergence": "l1"}, "unknown divergence 'l1'"),
-    ({"teacher_steps": 5}, "method.teacher_steps=5 must be even"),
+    ({"teacher_steps": 5}, "method.teacher_steps=5 is invalid: must be even"),
     ({"round_size": 3}, "unknown config key 'method.round_size'"),
     ({"init": "/no/such/init"}, "student init checkpoint /no/such/init does not exist"),
 ])
@@ -208,21 +208,21 @@ def test_bad_method_settings_are_one_clear_error(teacher, tmp_path, change, matc
 
 
 @pytest.mark.parametrize("name, change, match", [
-    ("sdtt", {"groups": 0}, "method.groups=0 must be >= 1"),
-    ("sdtt", {"groups": -1}, "method.groups=-1 must be >= 1"),
-    ("didi", {"reward": "elbo", "elbo_mc": 0}, "method.elbo_mc=0 must be >= 1"),
-    ("didi", {"label_smoothing": 2}, "method.label_smoothing=2.0 must be in"),
-    ("didi", {"disc_blocks": 0}, "method.disc_blocks=0 must be in \\[1, 2\\]"),
-    ("didi", {"disc_blocks": 99}, "method.disc_blocks=99 must be in"),
+    ("sdtt", {"groups": 0}, "method.groups=0 is invalid: must be >= 1"),
+    ("sdtt", {"groups": -1}, "method.groups=-1 is invalid: must be >= 1"),
+    ("didi", {"reward": "elbo", "elbo_mc": 0}, "method.elbo_mc=0 is invalid: must be >= 1"),
+    ("didi", {"label_smoothing": 2}, "method.label_smoothing=2.0 is invalid: must be in"),
+    ("didi", {"disc_blocks": 0}, "method.disc_blocks=0 is invalid: must be in \\[1, 2\\]"),
+    ("didi", {"disc_blocks": 99}, "method.disc_blocks=99 is invalid: must be in"),
     ("didi", {"match_beta": 2}, "method.match_beta=2"),
-    ("idlm", {"loss_eps": 1.5}, "method.loss_eps=1.5 must be in \\(0, 1\\)"),
-    ("idlm", {"loss_eps": 0}, "method.loss_eps=0.0 must be in"),
-    ("idlm", {"fake_steps": 0}, "method.fake_steps=0 must be >= 1"),
-    ("idlm", {"data_weight": -1}, "method.data_weight=-1.0 must be >= 0"),
-    ("idlm", {"t_min": 0.5, "t_max": 0.2}, "method.t_min/t_max=\\(0.5, 0.2\\) must satisfy"),
-    ("idlm", {"relax": "gaussian"}, "method.relax='gaussian' needs a uniform-state teacher"),
-    ("sdtt", {"loss_dtype": "float16"}, "method.loss_dtype='float16' must be float32 or float64"),
-    ("boot", {"r2": "some"}, "method.r2='some' must be 'jump' or 'all'"),
+    ("idlm", {"loss_eps": 1.5}, "method.loss_eps=1.5 is invalid: must be in \\(0, 1\\)"),
+    ("idlm", {"loss_eps": 0}, "method.loss_eps=0.0 is invalid: must be in"),
+    ("idlm", {"fake_steps": 0}, "method.fake_steps=0 is invalid: must be >= 1"),
+    ("idlm", {"data_weight": -1}, "method.data_weight=-1.0 is invalid: must be >= 0"),
+    ("idlm", {"t_min": 0.5, "t_max": 0.2}, "method.t_min/t_max=\\(0.5, 0.2\\) is invalid: must satisfy"),
+    ("idlm", {"relax": "gaussian"}, "method.relax='gaussian' is invalid: needs a uniform-state teacher"),
+    ("sdtt", {"loss_dtype": "float16"}, "method.loss_dtype='float16' is invalid: must be float32 or float64"),
+    ("boot", {"r2": "some"}, "method.r2='some' is invalid: must be 'jump' or 'all'"),
 ])
 def test_out_of_range_method_settings_name_their_key(teacher, tmp_path, name, change, match):
     """Values that raised ZeroDivisionError or trained silently with a meaningless setting."""

@@ -236,7 +236,8 @@ def section_from_dict(cls, table: dict, section: str):
     return obj
 
 
-def _require(ok: bool, where: str, value, rule: str) -> None:
+def require(ok: bool, where: str, value, rule: str) -> None:
+    """One setting's check: `where=value is invalid: rule` when not ok."""
     if not ok:
         raise FewstepError(f"{where}={value!r} is invalid: {rule}")
 
@@ -244,11 +245,11 @@ def _require(ok: bool, where: str, value, rule: str) -> None:
 def check_model(m: ModelConfig, where: str = "model") -> None:
     """Value checks a model needs to be built at all (types are checked when the config is read)."""
     for key in ("seq_len", "d_model", "n_heads", "mlp_ratio"):
-        _require(getattr(m, key) >= 1, f"{where}.{key}", getattr(m, key), "must be >= 1")
-    _require(m.n_layers >= 0, f"{where}.n_layers", m.n_layers, "must be >= 0")
-    _require(m.vocab_size >= 0, f"{where}.vocab_size", m.vocab_size, "must be >= 0")
-    _require(0 <= m.dropout < 1, f"{where}.dropout", m.dropout, "must be in [0, 1)")
-    _require(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0, f"{where}.d_model", m.d_model,
+        require(getattr(m, key) >= 1, f"{where}.{key}", getattr(m, key), "must be >= 1")
+    require(m.n_layers >= 0, f"{where}.n_layers", m.n_layers, "must be >= 0")
+    require(m.vocab_size >= 0, f"{where}.vocab_size", m.vocab_size, "must be >= 0")
+    require(0 <= m.dropout < 1, f"{where}.dropout", m.dropout, "must be in [0, 1)")
+    require(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0, f"{where}.d_model", m.d_model,
              f"must split into model.n_heads={m.n_heads} heads of even size (RoPE)")
 
 
@@ -256,21 +257,21 @@ def check(cfg: RunConfig) -> None:
     """Reject values that would crash or silently misbehave later, with the key and the rule in one line."""
     d, t = cfg.data, cfg.train
     for key, value in (("data.dir", d.dir), ("data.corpus", d.corpus), ("data.tokenizer", d.tokenizer)):
-        _require(bool(value.strip()) and "\0" not in value, key, value, "must be non-empty, without NUL")
-    _require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
-    _require(d.unique_tokens >= 0, "data.unique_tokens", d.unique_tokens, "must be >= 0 (0 = all)")
-    _require(d.epochs > 0, "data.epochs", d.epochs, "must be > 0")
+        require(bool(value.strip()) and "\0" not in value, key, value, "must be non-empty, without NUL")
+    require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
+    require(d.unique_tokens >= 0, "data.unique_tokens", d.unique_tokens, "must be >= 0 (0 = all)")
+    require(d.epochs > 0, "data.epochs", d.epochs, "must be > 0")
     check_model(cfg.model)
     for key in ("batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every", "eval_batches"):
-        _require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
+        require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
     for key in ("lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "keep_last"):
-        _require(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "must be >= 0")
-    _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
-    _require(all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "both must be in [0, 1)")
-    _require(0 <= t.ema < 1, "train.ema", t.ema, "must be in [0, 1) (0 disables the EMA)")
-    _require(0 <= t.seed < 2**63, "train.seed", t.seed, "must be in [0, 2**63)")
-    _require(t.precision in ("auto", "bf16", "fp32"), "train.precision", t.precision, "use auto, bf16 or fp32")
-    _require(t.nan_policy in ("stop", "skip"), "train.nan_policy", t.nan_policy, "use stop or skip")
-    _require(t.parallel in ("ddp", "fsdp"), "train.parallel", t.parallel, "use ddp or fsdp")
-    _require(bool(t.out_dir.strip()) and "\0" not in t.out_dir, "train.out_dir", t.out_dir,
+        require(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "must be >= 0")
+    require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    require(all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "both must be in [0, 1)")
+    require(0 <= t.ema < 1, "train.ema", t.ema, "must be in [0, 1) (0 disables the EMA)")
+    require(0 <= t.seed < 2**63, "train.seed", t.seed, "must be in [0, 2**63)")
+    require(t.precision in ("auto", "bf16", "fp32"), "train.precision", t.precision, "use auto, bf16 or fp32")
+    require(t.nan_policy in ("stop", "skip"), "train.nan_policy", t.nan_policy, "use stop or skip")
+    require(t.parallel in ("ddp", "fsdp"), "train.parallel", t.parallel, "use ddp or fsdp")
+    require(bool(t.out_dir.strip()) and "\0" not in t.out_dir, "train.out_dir", t.out_dir,
              "must be non-empty, without NUL")

@@ -57,16 +57,15 @@ class OnPolicy(ARDistillation):
         require((config.decode_steps >= 1, "decode_steps", config.decode_steps, "must be >= 1"),
                 (config.states >= 1, "states", config.states, "must be >= 1"),
                 (config.top_k >= 0, "top_k", config.top_k, "must be >= 0 (0: the whole vocabulary)"),
-                (config.block >= 0, "block", config.block, "must be >= 0 (0: no blocks)"))
-        if config.unmask not in ("confidence", "random"):
-            raise FewstepError(f"method.unmask must be 'confidence' or 'random', got {config.unmask!r}")
+                (config.block >= 0, "block", config.block, "must be >= 0 (0: no blocks)"),
+                (config.unmask in ("confidence", "random"), "unmask", config.unmask,
+                 "must be 'confidence' or 'random'"),
+                (math.isfinite(config.temperature) and config.temperature > 0, "temperature", config.temperature,
+                 "must be finite and > 0"))
         if 0 < config.block < setup.seq_len:
             n_blocks = -(-setup.seq_len // config.block)
-            if config.unmask != "confidence" or config.decode_steps % n_blocks:
-                raise FewstepError(f"method.block={config.block}: needs unmask = 'confidence' and decode_steps a "
-                                   f"multiple of the {n_blocks} blocks")
-        require((math.isfinite(config.temperature) and config.temperature > 0, "temperature", config.temperature,
-                 "must be finite and > 0"))
+            require((config.unmask == "confidence" and config.decode_steps % n_blocks == 0, "block", config.block,
+                     f"needs unmask = 'confidence' and decode_steps a multiple of the {n_blocks} blocks"))
         super().__init__(config, setup)
 
     @torch.no_grad()

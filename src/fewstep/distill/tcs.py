@@ -47,7 +47,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fewstep.config import FewstepError
 from fewstep.diffusion.mdlm import nelbo, q_xt, sample_t
 from fewstep.distill.ar_teacher import ARDistillation, forward_kl, top_k_targets
 from fewstep.distill.common import Setup, require
@@ -66,11 +65,11 @@ class TCS(ARDistillation):
         time_cond: bool = False  # add adaLN time conditioning to the student
 
     def __init__(self, config: Config, setup: Setup):
-        if config.target not in ("prefix", "taylor", "full"):
-            raise FewstepError(f"method.target must be 'prefix', 'taylor' or 'full', got {config.target!r}")
-        if config.top_k < 0 or (config.target == "full" and config.top_k < 1):
-            raise FewstepError(f"method.top_k={config.top_k}: must be >= 0, and >= 1 for target = 'full'")
-        require((config.data_weight >= 0, "data_weight", config.data_weight, "must be >= 0"),
+        require((config.target in ("prefix", "taylor", "full"), "target", config.target,
+                 "must be 'prefix', 'taylor' or 'full'"),
+                (config.top_k >= (config.target == "full"), "top_k", config.top_k,
+                 "must be >= 0, and >= 1 for target = 'full'"),
+                (config.data_weight >= 0, "data_weight", config.data_weight, "must be >= 0"),
                 (config.full_chunk >= 1, "full_chunk", config.full_chunk, "must be >= 1"))
         super().__init__(config, setup)
 
