@@ -223,6 +223,30 @@ def test_changed_eval_setting_reruns_only_its_stages(experiment):
     assert {r["n_samples"] for r in _rows(results / "samples.jsonl")} == {2}
 
 
+def test_teacher_temperatures_add_only_their_gen_stages_and_weigh_the_student(experiment):
+    """eval.teacher_temperatures samples the teacher @ref at each T (one gen stage each, nothing else reruns, not
+    timed: it costs what the teacher @ref costs) and the matched student is weighed against the one of highest
+    entropy not above its own."""
+    path, results, _ = experiment
+    same_eval = ["--eval.n=2", "--eval.batch=2"]  # as the test above left them
+    ran = run_experiment(str(path), [*same_eval, "--eval.teacher_temperatures=0.5,2"], log=lambda m: None)
+    assert sorted(ran["stages_run"]) == ["gen/teacher_T=0.5", "gen/teacher_T=2"]
+    gen = _rows(results / "samples.jsonl")
+    rows = {r["name"]: r for r in gen if r["role"] == "teacher_T"}
+    assert sorted(rows) == ["teacher T=0.5", "teacher T=2"]
+    assert all(r["steps"] == 4 and r["temperature"] == float(n.split("=")[1]) for n, r in rows.items())
+    assert not any("T=" in r["name"] for r in _rows(results / "bench.jsonl"))
+    (speed,) = json.loads((results / "summary.json").read_text())["matched_speedup"]
+    if speed["matched_steps"] is not None:  # the student's entropy picks the rows among T = 0.5, 1 and 2
+        ref = next(r for r in gen if r["name"] == "teacher" and r["steps"] == 4)
+        pool = [ref, *rows.values()]
+        lo = [r for r in pool if r["entropy"] <= speed["student_entropy"]]
+        assert speed["sharp_lo_temperature"] == (max(lo, key=lambda r: r["entropy"])["temperature"] if lo else None)
+        assert speed["sharpening"] in ("beats", "matched", "unresolved")
+    assert run_experiment(str(path), same_eval, log=lambda m: None)["stages_run"] == []  # off again: rows gone
+    assert not any(r["role"] == "teacher_T" for r in _rows(results / "samples.jsonl"))
+
+
 def test_logging_settings_and_ar_val_are_not_stage_settings(experiment):
     """How a stage logs, evaluates and saves does not change what it produces: changing it reruns nothing (it was
     refused as "trained with other settings"); AR validation is exact, so val_mc reruns the MDLM's only."""
@@ -351,6 +375,9 @@ def test_every_method_of_the_small_preset_runs_on_cuda(pydoc_data, tmp_path):
     ("--model.kind=ar", "model.kind is set by the experiment"),
     ("--train.max_steps=5", "train.max_steps is set by the experiment"),
     ("--eval.ref_steps=3", "eval.ref_steps=3 must be one of eval.teacher_steps"),
+    ("--eval.teacher_temperatures=0.9,1", "eval.teacher_temperatures=[0.9, 1.0] must be distinct, finite, > 0"),
+    ("--eval.teacher_temperatures=0", "eval.teacher_temperatures=[0.0] must be"),
+    ("--eval.teacher_temperatures=0.9,0.9", "eval.teacher_temperatures=[0.9, 0.9] must be distinct"),
     ("--bogus.x=1", "unknown experiment config section 'bogus'"),
     ("--distill.methods=sdtt,tcs", "distill.tcs.init='teacher' is invalid"),
 ])
@@ -372,7 +399,12 @@ def test_presets_parse():
     long = load("repeated_long")  # the repeated preset's 25k budget, longer, pre-training alone
     assert long.base == repeated.base and long.distill.methods == [] and long.methods == {}
     assert set(repeated.experiment.epochs) < set(long.experiment.epochs) and long.experiment.unique_tokens == [25_000]
-    for ex in (tiny, repeated, long, small, paper):
+    dist = load("repeated_distill")  # repeated_long's best MDLM (25k x 512), distilled longer
+    assert dist.base == repeated.base and set(dist.experiment.epochs) <= set(long.experiment.epochs)
+    sdtt = dist.methods["sdtt"].method  # 64 -> 4: four rounds, each longer than the repeated preset's
+    assert (sdtt["teacher_steps"], sdtt["student_steps"]) == (64, 4) and sdtt["round_steps"] > 100
+    assert dist.methods["idlm"].method["steps"] > repeated.methods["idlm"].method["steps"]
+    for ex in (tiny, repeated, long, dist, small, paper):
         assert set(ex.methods) == set(ex.distill.methods) and ex.eval.ref_steps in ex.eval.teacher_steps
     assert {"sdtt", "boot", "idlm", "didi"} <= set(paper.distill.methods)
     with pytest.raises(FewstepError, match="unknown experiment config"):
@@ -411,6 +443,44 @@ def test_matched_speedup_is_weighed_against_the_teacher_at_the_same_steps(teache
     assert "64.0x faster" in line and line.endswith(verdict + ".")
     verdicts = ("shows no gain from distillation", "gain from distillation is not resolved", "a gain from distillation")
     assert sum(v in line for v in verdicts) == 1
+
+
+@pytest.mark.parametrize("student, verdict, want", [
+    ((30.0, 2.95), "beats", "beats the teacher @64 sharpened to T=0.9 (gen PPL 40.00, entropy 2.900 <= its own) by "
+                            "20.3 standard errors: a gain beyond sharpening"),
+    ((45.0, 3.05), "beats", "sharpened to T=1 (gen PPL 50.00, entropy 3.000 <= its own) by 7.5 standard errors"),
+    ((40.2, 2.85), "matched", "the teacher @64 sharpened to T=0.9 (gen PPL 40.00, entropy 2.900 >= its own) is as "
+                              "good or better (-0.4 standard errors): the student reaches the @64 teacher's trade-off"),
+    ((45.0, 2.75), "matched", "sharpened to T=0.8 (gen PPL 35.00, entropy 2.800 >= its own) is as good or better "
+                              "(-17.8"),
+    ((45.0, 2.95), "unresolved", "not resolved at the measured temperatures (T=0.9 (gen PPL 40.00, entropy 2.900 "
+                                 "<= its own): -8.3 standard errors; T=1 (gen PPL 50.00, entropy 3.000 >= its own): "
+                                 "+7.5)"),
+    ((33.0, 2.75), "unresolved", "(no measured temperature of no more entropy; T=0.8 (gen PPL 35.00, entropy 2.800 "
+                                 ">= its own): +4.2)"),
+])
+def test_matched_student_is_weighed_against_the_sharpened_teacher(student, verdict, want):
+    """Sharpening (a lower temperature) lowers gen PPL and entropy: the student beats it when its gen PPL is below
+    the teacher's at the nearest temperature of no more entropy, and sharpening does as well when the teacher at the
+    nearest one of no less entropy is not worse beyond the noise; z = log(teacher / student) / hypot(0.01, 0.01),
+    e.g. log(40 / 30) / 0.01414 = 20.3 (hand-computed)."""
+    from fewstep.experiment.report import matched_speedup, summary_md
+
+    row = lambda role, name, ppl, h, T=1.0, steps=64: {"group": "t", "role": role, "name": name, "steps": steps,
+                                                        "gen_ppl": ppl, "entropy": h, "gen_ppl_log_se": 0.01,
+                                                        "temperature": T}
+    gen = [row("teacher", "teacher", 50.0, 3.0), row("teacher_T", "teacher T=0.9", 40.0, 2.9, 0.9),
+           row("teacher_T", "teacher T=0.8", 35.0, 2.8, 0.8), row("student", "sdtt", *student, steps=1)]
+    (s,) = matched_speedup(gen, [], ref=64)  # the teacher_T rows are neither students nor the reference
+    assert s["matched_steps"] == 1 and s["sharpening"] == verdict
+    lo = max((r for r in gen[:3] if r["entropy"] <= student[1]), key=lambda r: r["entropy"], default=None)
+    assert s["sharp_lo_z"] == (lo and pytest.approx(math.log(lo["gen_ppl"] / student[0]) / math.hypot(0.01, 0.01)))
+    text = summary_md("x", "setup", [], [s], [], [], {"teachers": ["t"], "judge": "j", "stage_seconds": {},
+                                                      "stages_run": [], "wall_seconds": 0}, 64)
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("- sdtt: matches")]
+    assert want in line and line.endswith(")." if verdict == "unresolved" else ".")
+    assert matched_speedup([r for r in gen if r["role"] != "teacher_T"], [], ref=64)[0].keys().isdisjoint(
+        {"sharpening", "sharp_lo_z"})  # no temperatures measured: no control, as before
 
 
 def test_crossover_is_ar_ahead_then_mdlm_ahead_only():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,9 @@ class Eval:
     teacher_steps: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 64])
     student_steps: list[int] = field(default_factory=lambda: [1, 4, 8, 16])
     ref_steps: int = 0  # the teacher's reference step count for the matched-gen-PPL speed-up (0 = most)
+    # the teacher also sampled @ref_steps at these temperatures (< 1 sharpens): a matched student is then weighed
+    # against the teacher at the temperatures of entropy nearest its own (report.py: does it beat sharpening?)
+    teacher_temperatures: list[float] = field(default_factory=list)
     n: int = 64  # samples per setting
     batch: int = 32
     seed: int = 0
@@ -170,6 +174,10 @@ def parse(table: dict, overrides: list[str] = ()) -> ExperimentConfig:
     _require(ev.ref_steps == 0 or ev.ref_steps in ev.teacher_steps,
              f"eval.ref_steps={ev.ref_steps} must be one of eval.teacher_steps {ev.teacher_steps} (or 0: the most)")
     ev.ref_steps = ev.ref_steps or max(ev.teacher_steps)
+    _require(all(math.isfinite(T) and 0 < T != 1 for T in ev.teacher_temperatures)
+             and len(set(ev.teacher_temperatures)) == len(ev.teacher_temperatures),
+             f"eval.teacher_temperatures={ev.teacher_temperatures} must be distinct, finite, > 0 and not 1 (the "
+             "teacher's own rows)")
     _require(len(ev.rgas_scale) == 2 and ev.rgas_candidates >= 1 and 0 <= ev.rgas_rerank <= 1,
              f"eval.rgas_scale={ev.rgas_scale} (two numbers), eval.rgas_candidates={ev.rgas_candidates} (>= 1) and "
              f"eval.rgas_rerank={ev.rgas_rerank} (0 to 1) are invalid")

@@ -11,7 +11,12 @@ Two derived quantities:
   latency(student @ k*), both from the same benchmark settings. Reported with both entropies: a student that
   matches gen PPL only by losing entropy is flagged. Against the baseline of no distillation, the teacher itself
   sampled with k* steps: a speed-up is credited to distillation only when the teacher @k* is worse than its @ref
-  beyond the sampling noise and the student @k* is better than the teacher @k* beyond it.
+  beyond the sampling noise and the student @k* is better than the teacher @k* beyond it. With
+  eval.teacher_temperatures, against sharpening too (a lower temperature lowers gen PPL and entropy): the teacher
+  @ref at the measured temperatures (1 included) of entropy nearest the student's from below (sharp_lo_*) and from
+  above (sharp_hi_*), z = the student's log gen PPL below each in standard errors. sharpening = "beats" when the
+  student is below the lo row beyond the noise (lower gen PPL at no less entropy), "matched" when the hi row is not
+  worse than the student beyond it (as good at no less entropy), else "unresolved".
 """
 
 from __future__ import annotations
@@ -87,13 +92,37 @@ def crossover(grid: list[dict]) -> list[dict]:
     return out
 
 
+def _student(r: dict) -> bool:
+    return r["role"] not in ("teacher", "teacher_T", "ar")  # teacher_T: the teacher at another temperature
+
+
+def _control(gen: list[dict], group, ref: int, t: dict | None, hit: dict | None) -> dict:
+    """The matched student against the teacher @ref sharpened (module doc): lo / hi = the measured temperature (T = 1
+    included) of entropy nearest the student's from below / above, with z of the student below each. {} without
+    eval.teacher_temperatures."""
+    temps = [r for r in gen if r["group"] == group and r["role"] == "teacher_T" and r["steps"] == ref]
+    if not (temps and t and hit):
+        return {}
+    out = {}
+    for side, pool, pick in (("lo", [r for r in [t, *temps] if r["entropy"] <= hit["entropy"]], max),
+                             ("hi", [r for r in [t, *temps] if r["entropy"] >= hit["entropy"]], min)):
+        c = pick(pool, key=lambda r: r["entropy"]) if pool else {}
+        out.update({f"sharp_{side}_temperature": c.get("temperature", 1.0) if c else None,
+                    f"sharp_{side}_gen_ppl": c.get("gen_ppl"), f"sharp_{side}_entropy": c.get("entropy"),
+                    f"sharp_{side}_z": z_gap(hit, c) if c else None})
+    lo, hi = out["sharp_lo_z"], out["sharp_hi_z"]
+    out["sharpening"] = ("beats" if lo is not None and lo >= 2 else "matched" if hi is not None and hi < 2
+                         else "unresolved")
+    return out
+
+
 def matched_speedup(gen: list[dict], bench: list[dict], ref: int) -> list[dict]:
     """One row per student: k*, both gen PPLs and entropies, both latencies and their ratio (module doc)."""
     out = []
     for g in dict.fromkeys(r["group"] for r in gen):
         t = _get(gen, group=g, role="teacher", steps=ref)
         t_lat = _get(bench, group=g, role="teacher", kind="mdlm", steps=ref)
-        for name in dict.fromkeys(r["name"] for r in gen if r["group"] == g and r["role"] not in ("teacher", "ar")):
+        for name in dict.fromkeys(r["name"] for r in gen if r["group"] == g and _student(r)):
             rows = sorted((r for r in gen if r["name"] == name), key=lambda r: r["steps"])
             hit = next((r for r in rows if t and r.get("gen_ppl") is not None and r["gen_ppl"] <= t["gen_ppl"]), None)
             s_lat = hit and _get(bench, name=name, kind="mdlm", steps=hit["steps"])
@@ -105,7 +134,8 @@ def matched_speedup(gen: list[dict], bench: list[dict], ref: int) -> list[dict]:
                    "z_below_teacher": z_gap(hit, t) if hit else None}
             tk = hit and _get(gen, group=g, role="teacher", steps=hit["steps"])  # the baseline: no distillation
             row.update(teacher_at_k_gen_ppl=tk and tk.get("gen_ppl"), teacher_at_k_z_above_ref=z_gap(t, tk) if tk
-                       else None, z_below_teacher_at_k=z_gap(hit, tk) if tk else None)
+                       else None, z_below_teacher_at_k=z_gap(hit, tk) if tk else None,
+                       **_control(gen, g, ref, t, hit))
             if row["teacher_latency_s"] and row["student_latency_s"]:
                 row["speedup"] = row["teacher_latency_s"] / row["student_latency_s"]
             if hit and t:
@@ -116,7 +146,7 @@ def matched_speedup(gen: list[dict], bench: list[dict], ref: int) -> list[dict]:
 
 def _equal_steps(gen: list[dict]) -> list[dict]:
     out = []
-    for s in (r for r in gen if r["role"] not in ("teacher", "ar")):
+    for s in filter(_student, gen):
         t = _get(gen, group=s["group"], role="teacher", steps=s["steps"])
         if t and s.get("gen_ppl") is not None and t.get("gen_ppl") is not None:
             out.append({"student": s["name"], "steps": s["steps"], "student_gen_ppl": s["gen_ppl"],
@@ -146,8 +176,9 @@ def _plots(out: Path, grid, gen, bench, ref) -> list[Path]:
     made += plot(bench, out)  # latency / speed-up over AR vs steps; AR as a dashed line
     pareto, refs = {}, {}
     for r in gen:
-        b = _get(bench, name=r["name"], kind="mdlm", steps=r["steps"]) if r["role"] != "ar" else \
-            _get(bench, group=r["group"], kind="ar")
+        b = (_get(bench, group=r["group"], kind="ar") if r["role"] == "ar" else  # teacher_T: the teacher's timing
+             _get(bench, group=r["group"], role="teacher", kind="mdlm", steps=r["steps"]) if r["role"] == "teacher_T"
+             else _get(bench, name=r["name"], kind="mdlm", steps=r["steps"]))
         if b and r.get("gen_ppl") is not None:
             pareto.setdefault(r["name"], []).append((b.get("latency_s"), r["gen_ppl"]))
         if r["role"] == "teacher" and r["steps"] == ref:
@@ -270,6 +301,27 @@ def _baseline(s: dict) -> str:
     return f"; {tk} is {zt:.1f} standard errors worse, the student {zs:.1f} below it: a gain from distillation"
 
 
+def _sharpening(s: dict) -> str:
+    """The matched student against the teacher @ref sharpened to a lower temperature (`_control`)."""
+    if "sharpening" not in s:
+        return ""
+    at = lambda side, rel: (f"T={s[f'sharp_{side}_temperature']:g} (gen PPL {_fmt(s[f'sharp_{side}_gen_ppl'])}, "
+                            f"entropy {s[f'sharp_{side}_entropy']:.3f} {rel} its own)")
+    ref = s["teacher_ref_steps"]
+    if s["sharpening"] == "beats":
+        return (f"; it also beats the teacher @{ref} sharpened to {at('lo', '<=')} by {s['sharp_lo_z']:.1f} "
+                "standard errors: a gain beyond sharpening")
+    if s["sharpening"] == "matched":
+        return (f"; the teacher @{ref} sharpened to {at('hi', '>=')} is as good or better "
+                f"({s['sharp_hi_z']:+.1f} standard errors): the student reaches the @{ref} teacher's trade-off "
+                "between gen PPL and entropy, not beyond it")
+    parts = [f"{at('lo', '<=')}: {s['sharp_lo_z']:+.1f} standard errors" if s["sharp_lo_temperature"] else
+             "no measured temperature of no more entropy",
+             f"{at('hi', '>=')}: {s['sharp_hi_z']:+.1f}" if s["sharp_hi_temperature"] else
+             "no measured temperature of no less entropy"]
+    return f"; against the teacher @{ref} sharpened, not resolved at the measured temperatures ({'; '.join(parts)})"
+
+
 def summary_md(name, setup, cross, speed, equal, bench, info, ref, gen=(), pngs=(), students=True) -> str:
     """The RESULTS.md section of one experiment: every sentence below is computed from the numbers in
     summary.json; the tables are the measured rows, pivoted by step count; pngs: the plots written beside it;
@@ -321,7 +373,7 @@ def summary_md(name, setup, cross, speed, equal, bench, info, ref, gen=(), pngs=
         lines.append(f"- {s['student']}: matches the teacher @{ref} (gen PPL {_fmt(s['teacher_gen_ppl'])}) at "
                      f"{s['matched_steps']} steps (gen PPL {_fmt(s['student_gen_ppl'])}, entropy "
                      f"{s['student_entropy']:.3f} vs {s['teacher_entropy']:.3f}{noise}){flag}: {sp}"
-                     f"{_baseline(s)}.")
+                     f"{_baseline(s)}{_sharpening(s)}.")
     wins = [e for e in equal if e["gen_ppl_ratio"] < 1]
     sure = [e for e in wins if (e.get("z_below_teacher") or 0) >= 2]
     lines += [f"- At equal step counts students have lower gen PPL than the teacher in {len(wins)} of {len(equal)} "

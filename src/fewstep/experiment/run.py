@@ -148,6 +148,8 @@ class Runner:
                 continue
             tag, start = f" {tl}" if many else "", len(models)
             models.append(dict(name=f"teacher{tag}", ckpt=teacher["ckpt"], steps=ev.teacher_steps, role="teacher"))
+            models += [dict(name=f"teacher{tag} T={T:g}", ckpt=teacher["ckpt"], steps=[ev.ref_steps],
+                            role="teacher_T", temperature=T) for T in ev.teacher_temperatures]  # not timed: same cost
             for m in ex.distill.methods:
                 cfg = copy.deepcopy(ex.methods[m])
                 src = ar if getattr(_methods()[m], "teacher_kinds", ("mdlm",)) == ("ar",) else teacher
@@ -174,13 +176,15 @@ class Runner:
         for g in dict.fromkeys(mod["group"] for mod in models):  # first: a run cut during the gen stages keeps them
             with self.optional():
                 ar_name = next(mod["name"] for mod in models if mod["group"] == g and mod["role"] == "ar")
-                bench += self.bench(g, [mod for mod in models if mod["group"] == g and mod["role"] != "ar"], ar_name)
+                bench += self.bench(g, [mod for mod in models if mod["group"] == g
+                                        and mod["role"] not in ("ar", "teacher_T")], ar_name)
         for mod in models:
             with self.optional():
                 if judge is None:
                     raise Missing("the judge")
                 gen += [{**r, "role": mod["role"], "group": mod["group"]}
-                        for r in self.gen(mod["name"], mod["ckpt"], mod["steps"], judge, mod.get("guide", False))]
+                        for r in self.gen(mod["name"], mod["ckpt"], mod["steps"], judge, mod.get("guide", False),
+                                          mod.get("temperature", 1.0))]
         from fewstep.experiment.report import write
 
         info = {"config": {"experiment": dataclasses.asdict(ex.experiment), "base": to_dict(ex.base),
@@ -224,7 +228,8 @@ class Runner:
         ev = self.ex.eval
         return {"scale": list(ev.rgas_scale), "candidates": ev.rgas_candidates, "rerank": ev.rgas_rerank}
 
-    def gen(self, name: str, ckpt: str, steps: list[int], judge: str, guide: bool = False) -> list[dict]:
+    def gen(self, name: str, ckpt: str, steps: list[int], judge: str, guide: bool = False,
+            temperature: float = 1.0) -> list[dict]:
         """guide: sample with DiDi-Instruct's RGAS, the discriminator being the one saved in `ckpt`."""
         ev = self.ex.eval
 
@@ -249,12 +254,12 @@ class Runner:
                 torch.manual_seed(ev.seed)
                 rows.append(sample_eval(model, meta, steps=k, n=ev.n, tokenizer=tok, judge=j, batch=ev.batch,
                                         seed=ev.seed, greedy_tail=ev.greedy_tail, device=self.device, name=name,
-                                        guidance=guidance))
+                                        guidance=guidance, temperature=temperature))
             return rows
         from fewstep.eval.genppl import PROTOCOL
 
         key = {"ckpt": ckpt, "fp": self.fp.get(ckpt), "steps": steps, "judge": judge, **self._guide_key(guide),
-               "genppl_protocol": PROTOCOL,
+               "genppl_protocol": PROTOCOL, **({"temperature": temperature} if temperature != 1 else {}),
                "judge_fp": self.fp.get(judge[5:]), **{k: getattr(ev, k) for k in
                ("n", "batch", "seed", "greedy_tail")}}
         return self.stage(f"gen/{name.replace(' ', '_')}", key, fn)
