@@ -394,6 +394,7 @@ def test_presets_parse():
     assert repeated.base.model == tiny.base.model and max(repeated.experiment.epochs) >= 64  # the regime's depth
     assert repeated.methods["sdtt"].method["round_steps"] == 100  # the method presets' own lengths, not tiny's
     assert small.base.data.tokenizer == "gpt2" and small.judge.spec == "train" and small.judge.epochs <= 10
+    assert small.eval.teacher_temperatures == [0.9]  # the GPU result carries the sharpening control
     assert paper.base.data.tokenizer == "gpt2" and paper.base.data.corpus.startswith("hf:")
     assert paper.base.model.d_model == 768 and paper.base.model.n_layers == 12
     long = load("repeated_long")  # the repeated preset's 25k budget, longer, pre-training alone
