@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import fewstep.config as config
 from fewstep.config import FewstepError
+from fewstep.config import require as require_setting
 
 
 def require(*checks: tuple[bool, str, object, str]) -> None:
     """(ok, key, value, rule) per method setting: the first that fails is one error naming its key."""
     for ok, key, value, rule in checks:
-        config.require(ok, f"method.{key}", value, rule)
+        require_setting(ok, f"method.{key}", value, rule)
 
 
 @dataclass
