@@ -449,9 +449,12 @@ def test_matched_speedup_is_weighed_against_the_teacher_at_the_same_steps(teache
 @pytest.mark.parametrize("student, verdict, want", [
     ((30.0, 2.95), "beats", "beats the teacher @64 sharpened to T=0.9 (gen PPL 40.00, entropy 2.900 <= its own) by "
                             "20.3 standard errors: a gain beyond sharpening"),
-    ((45.0, 3.05), "beats", "sharpened to T=1 (gen PPL 50.00, entropy 3.000 <= its own) by 7.5 standard errors"),
+    ((45.0, 3.05), "beats", "beats the teacher @64 at T=1 (gen PPL 50.00, entropy 3.000 <= its own) by 7.5 "
+                            "standard errors"),
     ((40.2, 2.85), "matched", "the teacher @64 sharpened to T=0.9 (gen PPL 40.00, entropy 2.900 >= its own) is as "
                               "good or better (-0.4 standard errors): the student reaches the @64 teacher's trade-off"),
+    ((49.0, 2.95), "matched", "the teacher @64 at T=1 (gen PPL 50.00, entropy 3.000 >= its own) is as good or better "
+                              "(+1.4 standard errors)"),
     ((45.0, 2.75), "matched", "sharpened to T=0.8 (gen PPL 35.00, entropy 2.800 >= its own) is as good or better "
                               "(-17.8"),
     ((45.0, 2.95), "unresolved", "not resolved at the measured temperatures (T=0.9 (gen PPL 40.00, entropy 2.900 "

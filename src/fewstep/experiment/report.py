@@ -307,12 +307,13 @@ def _sharpening(s: dict) -> str:
         return ""
     at = lambda side, rel: (f"T={s[f'sharp_{side}_temperature']:g} (gen PPL {_fmt(s[f'sharp_{side}_gen_ppl'])}, "
                             f"entropy {s[f'sharp_{side}_entropy']:.3f} {rel} its own)")
+    how = lambda side: "sharpened to " if s[f"sharp_{side}_temperature"] != 1 else "at "  # T=1: the reference row
     ref = s["teacher_ref_steps"]
     if s["sharpening"] == "beats":
-        return (f"; it also beats the teacher @{ref} sharpened to {at('lo', '<=')} by {s['sharp_lo_z']:.1f} "
+        return (f"; it also beats the teacher @{ref} {how('lo')}{at('lo', '<=')} by {s['sharp_lo_z']:.1f} "
                 "standard errors: a gain beyond sharpening")
     if s["sharpening"] == "matched":
-        return (f"; the teacher @{ref} sharpened to {at('hi', '>=')} is as good or better "
+        return (f"; the teacher @{ref} {how('hi')}{at('hi', '>=')} is as good or better "
                 f"({s['sharp_hi_z']:+.1f} standard errors): the student reaches the @{ref} teacher's trade-off "
                 "between gen PPL and entropy, not beyond it")
     parts = [f"{at('lo', '<=')}: {s['sharp_lo_z']:+.1f} standard errors" if s["sharp_lo_temperature"] else
