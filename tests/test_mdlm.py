@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fewstep.diffusion.mdlm import MaskedDenoiser, nelbo, q_xt, sample_t
+from fewstep.diffusion.mdlm import NEG_INF, MaskedDenoiser, nelbo, q_xt, sample_t
 from fewstep.diffusion.sampling import sample, sample_categorical
 from fewstep.diffusion.schedule import Cosine, LogLinear, weight
 from fewstep.models.transformer import Transformer
@@ -69,6 +69,25 @@ def test_subs_parameterisation():
 def _tiny_denoiser(time_cond: bool):
     torch.manual_seed(0)
     return MaskedDenoiser(Transformer(21, 24, 32, 2, 2, time_cond=time_cond), mask_id=20)
+
+
+def test_carry_over_is_the_subs_formula_with_gradients():
+    """The full forward against SUBS written out (the mask column at log 0 before the softmax, then every unmasked
+    row replaced by log of its own one-hot): equal values and equal parameter gradients, a fully masked and a fully
+    unmasked row included."""
+    model = _tiny_denoiser(time_cond=False)
+    x_t = torch.randint(0, 21, (3, 16))
+    x_t[0], x_t[1] = 20, torch.arange(16) % 20  # all masked, none masked
+    w = torch.randn(3, 16, 21)  # a generic linear read-out of the log-probabilities
+    logits = model.backbone(x_t, None).float()
+    logits[..., 20] = NEG_INF
+    want = torch.where((x_t != 20)[..., None], torch.full_like(logits, NEG_INF).scatter(-1, x_t[..., None], 0.0),
+                       logits.log_softmax(-1))
+    got = model(x_t, torch.rand(3))
+    assert torch.equal(got, want)
+    grads = [torch.autograd.grad((lp * w).sum(), list(model.parameters())) for lp in (got, want)]
+    for g_got, g_want in zip(*grads):
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=0)
 
 
 class CountingModel(torch.nn.Module):

@@ -43,9 +43,10 @@ class MaskedDenoiser(nn.Module):
             h = self.backbone.hidden(x_t, t)[x_t == self.mask_id]  # (N, D)
             return self._log_probs(self.backbone.head(h))  # (N, V); masked rows: no carry-over
         log_p = self._log_probs(self.backbone(x_t, t))  # (B, L, V)
-        unmasked = (x_t != self.mask_id)[..., None]  # (B, L, 1)
-        carry = torch.full_like(log_p, NEG_INF).scatter_(-1, x_t[..., None], 0.0)  # carry-over
-        return torch.where(unmasked, carry, log_p)
+        unmasked, x = (x_t != self.mask_id)[..., None], x_t[..., None]  # (B, L, 1)
+        # carry-over: an unmasked row is log 0 but for 0 at its own token; a masked row keeps its value at x = mask
+        own = torch.where(unmasked, 0.0, log_p.gather(-1, x))  # (B, L, 1)
+        return log_p.masked_fill(unmasked, NEG_INF).scatter_(-1, x, own)  # one (B, L, V) tensor, not three
 
     def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
