@@ -1,16 +1,19 @@
-"""MDLM training loss, forward + backward: the full (B, L, V) head against the head on the masked rows only.
+"""MDLM training loss, forward + backward: the full (B, L, V) head, the head on the masked rows, and the chunked head.
 
     OMP_NUM_THREADS=1 python bench/loss_head.py                 # CPU: V = 50,258, d 128, 2 layers, B 4, L 256
     python bench/loss_head.py --device cuda --batch 32 --len 1024 --d-model 768 --layers 12 --heads 12
 
 `full`: the NELBO as computed before the masked-rows path (`model(x_t, t)` -> float32 (B, L, V) log-probabilities,
-gather, zero the unmasked positions). `masked`: `fewstep.diffusion.mdlm.nelbo`, which runs the vocabulary head and
-the float32 log-softmax on the N masked rows only (N ~ B L / 2 on average, t ~ U[0, 1]). Both see the same x0, t
-and masks in each repeat; the two are interleaved (alternating order) and each time is the median of the repeats
-of one forward + backward (gradients of every parameter). Peak memory is measured on CUDA only (the allocator's
-peak above the weights and inputs); on CPU the row gives the bytes of one float32 logits tensor analytically,
-(B, L, V) against (N, V). The last line printed is JSON; unless --no-append it is also appended to
-bench/results/loss-head-<device>.jsonl with the git SHA, device and torch version.
+gather, zero the unmasked positions). `masked`: the vocabulary head and the float32 log-softmax on the N masked rows
+only (`model(x_t, t, masked_only=True)`, N ~ B L / 2 on average, t ~ U[0, 1]), then gather. `chunked`:
+`fewstep.diffusion.mdlm.nelbo` as it is, the masked rows through `linear_nll` (head and cross-entropy a chunk of
+rows at a time, logits recomputed in the backward, no (N, V) tensor kept). All see the same x0, t and masks in each
+repeat; they are interleaved (the order rotates) and each time is the median of the repeats of one forward +
+backward (gradients of every parameter). `<path>_saved_bytes`: what autograd keeps for the backward (distinct
+storages, weights included), on any device. Peak memory is measured on CUDA only (the allocator's peak above the
+weights and inputs); the row also gives the bytes of one float32 logits tensor, (B, L, V) against (N, V). The last
+line printed is JSON; unless --no-append it is also appended to bench/results/loss-head-<device>.jsonl with the git
+SHA, device and torch version.
 """
 
 from __future__ import annotations
@@ -37,6 +40,15 @@ def nelbo_full(model, schedule, x0, t, mask_id, generator=None):
     nll = -log_p.gather(-1, x0[..., None]).squeeze(-1)
     nll = torch.where(x_t == mask_id, nll, torch.zeros_like(nll))
     return weight(schedule, t) * nll.sum(-1)
+
+
+def nelbo_masked(model, schedule, x0, t, mask_id, generator=None):
+    """The masked-rows path before the chunked head: (N, V) float32 log-probabilities, then gather."""
+    x_t = q_xt(x0, schedule.alpha(t), mask_id, generator)
+    masked = x_t == mask_id
+    nll = -model(x_t, t, masked_only=True).gather(-1, x0[masked][:, None]).squeeze(-1)  # (N,)
+    return weight(schedule, t) * torch.zeros(x0.shape, dtype=nll.dtype, device=x0.device).masked_scatter(masked,
+                                                                                                         nll).sum(-1)
 
 
 def main(argv=None) -> int:
@@ -77,7 +89,7 @@ def main(argv=None) -> int:
         loss.sum().backward()
         return loss.detach()
 
-    paths = {"full": nelbo_full, "masked": nelbo}
+    paths = {"full": nelbo_full, "masked": nelbo_masked, "chunked": nelbo}
     for i in range(args.warmup):
         for fn in paths.values():
             step(fn, *inputs(-1 - i))
@@ -88,12 +100,24 @@ def main(argv=None) -> int:
         g = torch.Generator(device=device).manual_seed(seed)
         rows.append(int((q_xt(x0, schedule.alpha(t), mask_id, g) == mask_id).sum()))
         out = {}
-        for k in (list(paths) if i % 2 == 0 else list(paths)[::-1]):
+        for k in list(paths)[i % 3 :] + list(paths)[: i % 3]:
             args_k = (paths[k], x0, t, seed)
             out[k], sec, _ = timed(lambda a=args_k: step(*a), device=device, warmup=0, repeats=1)
             times[k].append(sec)
-        max_rel = max(max_rel, float(((out["masked"] - out["full"]).abs() / out["full"].abs().clamp_min(1e-6)).max()))
+        for k in ("masked", "chunked"):
+            max_rel = max(max_rel, float(((out[k] - out["full"]).abs() / out["full"].abs().clamp_min(1e-6)).max()))
 
+    saved = {}  # bytes autograd keeps for the backward (distinct storages), on any device
+    for k, fn in paths.items():
+        storages = {}
+
+        def pack(x, storages=storages):
+            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            step(fn, *inputs(0))
+        saved[k] = sum(storages.values())
     peak = {}
     if device.type == "cuda":
         x0, t, seed = inputs(0)
@@ -111,11 +135,11 @@ def main(argv=None) -> int:
         "bench": "loss_head", "vocab": V, "d_model": args.d_model, "layers": args.layers, "heads": args.heads,
         "batch": B, "len": L, "time_cond": args.time_cond, "precision": precision, "repeats": args.repeats,
         "masked_rows_mean": n_mean, "masked_fraction": n_mean / (B * L),
-        "full_ms": ms["full"], "masked_ms": ms["masked"], "speedup": ms["full"] / ms["masked"],
-        "full_ms_all": [round(1e3 * s, 2) for s in times["full"]],
-        "masked_ms_all": [round(1e3 * s, 2) for s in times["masked"]],
+        "full_ms": ms["full"], "masked_ms": ms["masked"], "chunked_ms": ms["chunked"],
+        "speedup": ms["full"] / ms["masked"], "chunked_speedup": ms["full"] / ms["chunked"],
+        **{f"{k}_ms_all": [round(1e3 * s, 2) for s in v] for k, v in times.items()},
         "full_logits_bytes": B * L * V * 4, "masked_logits_bytes_mean": round(n_mean * V * 4),
-        "full_peak_bytes": peak.get("full"), "masked_peak_bytes": peak.get("masked"),
+        **{f"{k}_peak_bytes": peak.get(k) for k in paths}, **{f"{k}_saved_bytes": v for k, v in saved.items()},
         "max_rel_diff": max_rel,
         "command": " ".join(["python", "bench/loss_head.py", *(argv if argv is not None else sys.argv[1:])]),
         "device": device.type, **provenance(device),

@@ -152,3 +152,27 @@ def test_ar_nll_of_uniform_model_is_log_vocab():
 
     x = torch.randint(0, 30, (3, 9))
     torch.testing.assert_close(ar_nll(Uniform(), x), torch.full((3,), 8 * math.log(30)))
+
+
+def test_ar_nll_of_a_transformer_is_the_cross_entropy_of_its_logits_with_gradients():
+    """A Transformer's loss goes through its chunked head (`forward(..., targets=)`): the values and every parameter
+    gradient of the next-token cross-entropy of its (B, L, V) logits, in float64."""
+    model = _model().train()
+    x = torch.randint(0, 30, (3, 12), generator=torch.Generator().manual_seed(1))
+    w = torch.rand(3, dtype=torch.float64)  # a generic per-sequence upstream gradient
+
+    def run(fn):
+        model.zero_grad()
+        out = fn(model, x)
+        (w * out).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def from_logits(model, x):
+        log_p = model(x[:, :-1]).log_softmax(-1)  # (B, L-1, V)
+        return -log_p.gather(-1, x[:, 1:, None]).squeeze(-1).sum(-1)
+
+    new, g_new = run(ar_nll)
+    ref, g_ref = run(from_logits)
+    torch.testing.assert_close(new, ref, rtol=1e-12, atol=0)
+    for name in g_ref:
+        torch.testing.assert_close(g_new[name], g_ref[name], rtol=1e-9, atol=1e-12, msg=name)

@@ -272,7 +272,8 @@ def test_nelbo_masked_rows_equals_full_forward_with_gradients(time_cond):
     torch.testing.assert_close(new, ref, rtol=1e-5, atol=0)
     assert g_new.keys() == g_ref.keys()
     for name in g_ref:
-        torch.testing.assert_close(g_new[name], g_ref[name], rtol=1e-4, atol=1e-7, msg=name)
+        # float32 rounding of a different summation order (chunked head): relative to the tensor's largest entry
+        torch.testing.assert_close(g_new[name], g_ref[name], rtol=1e-4, atol=2e-6 * g_ref[name].abs().max(), msg=name)
     fallback = nelbo(CountingModel(model), LogLinear(), x0, t, 20, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(fallback.detach(), ref, rtol=1e-5, atol=0)
 
@@ -296,7 +297,8 @@ def test_nelbo_masked_rows_edge_cases(case):
     if case == "some_sequence_unmasked":
         assert new[0] == 0
     for name in g_ref:
-        torch.testing.assert_close(g_new[name], g_ref[name], rtol=1e-4, atol=1e-7, msg=name)
+        # float32 rounding of a different summation order (chunked head): relative to the tensor's largest entry
+        torch.testing.assert_close(g_new[name], g_ref[name], rtol=1e-4, atol=2e-6 * g_ref[name].abs().max(), msg=name)
 
 
 def test_nelbo_with_no_masked_position_has_zero_loss_and_gradients():
@@ -334,7 +336,7 @@ def test_time_conditioned_transformer_starts_as_its_unconditioned_twin():
 
 
 def test_nelbo_masked_rows_runs_through_the_compiled_call():
-    """masked_only is a flag of forward, so in-place Module.compile() (train.compile) wraps the masked-rows path."""
+    """The masked-rows path is a flag of forward (targets=), so in-place Module.compile() (train.compile) wraps it."""
     from torch._dynamo.testing import CompileCounter
 
     model, ref = _tiny_denoiser(time_cond=True), _tiny_denoiser(time_cond=True)

@@ -15,11 +15,15 @@ import torch.nn.functional as F
 from fewstep.diffusion.sampling import autocast, filter_probs, sample_categorical
 from fewstep.models import rope_tables
 from fewstep.models.inference import capture
-from fewstep.models.transformer import KVCache
+from fewstep.models.transformer import KVCache, Transformer
 
 
 def ar_nll(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL per sequence in nats. x: (B, L) -> (B,); L - 1 tokens are predicted."""
+    """Summed next-token NLL per sequence in nats. x: (B, L) -> (B,); L - 1 tokens are predicted.
+
+    A Transformer computes it through its chunked head (`forward(..., targets=)`); any other model from its logits."""
+    if isinstance(getattr(model, "_orig_mod", model), Transformer):  # _orig_mod: under a torch.compile wrapper
+        return model(x[:, :-1], targets=x[:, 1:]).sum(-1)
     logits = model(x[:, :-1]).float()  # (B, L-1, V)
     # Rows of V contiguous classes: the (B, V, L-1) transposed layout makes the kernel read with stride V.
     nll = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")  # (B (L-1),)

@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 
 from fewstep.diffusion.schedule import weight
-
-NEG_INF = -1e6  # finite "log 0": keeps 0 * log 0 terms free of NaN in divergences
+from fewstep.models.linear_nll import NEG_INF, linear_nll
 
 
 class MaskedDenoiser(nn.Module):
@@ -27,6 +26,10 @@ class MaskedDenoiser(nn.Module):
     run on those N rows instead of all B x L: what the NELBO needs (`nelbo` below). It is a flag of `forward`, not
     a separate method, so that whatever wraps the module's call (in-place `Module.compile()`, FSDP2's all-gather
     hooks) wraps this path too.
+
+    `forward(x_t, t, targets=x0) -> (N,)`: -log p_theta(x0^l | x_t) at the N masked positions, through
+    `linear_nll` (the head and the cross-entropy chunk by chunk of rows: no (N, V) tensor is kept for the backward).
+    The NELBO's path (`masked_nll`).
     """
 
     def __init__(self, backbone: nn.Module, mask_id: int):
@@ -37,10 +40,14 @@ class MaskedDenoiser(nn.Module):
     def time_conditioned(self) -> bool:
         return self.backbone.time_cond
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, masked_only: bool = False) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, masked_only: bool = False,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
         t = t if self.backbone.time_cond else None
-        if masked_only:
-            h = self.backbone.hidden(x_t, t)[x_t == self.mask_id]  # (N, D)
+        if masked_only or targets is not None:
+            masked = x_t == self.mask_id  # (B, L)
+            h = self.backbone.hidden(x_t, t)[masked]  # (N, D)
+            if targets is not None:  # (N,): the head has no bias (Transformer)
+                return linear_nll(h, self.backbone.head.weight, targets[masked], exclude=self.mask_id)
             return self._log_probs(self.backbone.head(h))  # (N, V); masked rows: no carry-over
         log_p = self._log_probs(self.backbone(x_t, t))  # (B, L, V)
         unmasked, x = (x_t != self.mask_id)[..., None], x_t[..., None]  # (B, L, 1)
@@ -71,14 +78,13 @@ def q_xt(x0: torch.Tensor, alpha_t: torch.Tensor, mask_id: int, generator=None) 
 def masked_nll(model, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, mask_id: int) -> torch.Tensor:
     """-log p(x0^l | x_t) at the masked positions of x_t, 0 elsewhere. x_t, x0: (B, L), t: (B,) -> (B, L).
 
-    A MaskedDenoiser predicts at the masked positions only (`masked_only=True`: the head and the log-softmax run on
-    the masked rows alone); any other model (e.g. an oracle returning (B, L, V)) is called in full.
+    A MaskedDenoiser predicts at the masked positions only (`targets=x0`: the head and the cross-entropy run on the
+    masked rows alone, chunk by chunk); any other model (e.g. an oracle returning (B, L, V)) is called in full.
     """
     masked = x_t == mask_id  # (B, L)
     inner = getattr(model, "_orig_mod", model)  # _orig_mod: the module under a torch.compile wrapper
     if isinstance(inner, MaskedDenoiser) and inner.mask_id == mask_id:
-        log_p = model(x_t, t, masked_only=True)  # (N, V), rows of `masked` in row-major order
-        nll_rows = -log_p.gather(-1, x0[masked][:, None]).squeeze(-1)  # (N,)
+        nll_rows = model(x_t, t, targets=x0)  # (N,), rows of `masked` in row-major order
         return torch.zeros(x0.shape, dtype=nll_rows.dtype, device=x0.device).masked_scatter(masked, nll_rows)
     log_p = model(x_t, t)  # (B, L, V)
     nll = -log_p.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fewstep.models.linear_nll import linear_nll
+
 
 def rope_cache(length: int, head_dim: int, device, base: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
@@ -136,6 +138,9 @@ class Transformer(nn.Module):
     `forward` is `head(hidden(x, t))`: `hidden` runs everything before the vocabulary head (embedding, blocks, final
     norm and, when time-conditioned, its adaLN modulation) and returns (B, L, D), so a caller that needs logits at a
     few positions only (the MDLM loss: the masked ones) gathers those rows and applies `self.head` to them.
+    `forward(x, targets=y)` -> (B, L) float32 -log softmax(logits)[y] through `linear_nll` (the head and the
+    cross-entropy a chunk of rows at a time, no (B, L, V) tensor kept): the AR loss's path, a flag of forward so that
+    whatever wraps the module's call (`Module.compile()`, FSDP2) wraps it too.
     """
 
     def __init__(self, vocab_size: int, seq_len: int, d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
@@ -195,8 +200,12 @@ class Transformer(nn.Module):
         self._rope(max_len, cache.k[0].device)  # RoPE tables for every position now, not inside a compiled step
         return cache
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, cache: KVCache | None = None):
-        return self.head(self.hidden(x, t, cache))  # (B, L, V)
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, cache: KVCache | None = None,
+                targets: torch.Tensor | None = None):
+        h = self.hidden(x, t, cache)  # (B, L, D)
+        if targets is not None:
+            return linear_nll(h.flatten(0, 1), self.head.weight, targets.flatten()).view(targets.shape)  # (B, L)
+        return self.head(h)  # (B, L, V)
 
     def hidden(self, x: torch.Tensor, t: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Final hidden states before the head, (B, L, D): normalised and, when time-conditioned, adaLN-modulated.
