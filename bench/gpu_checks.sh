@@ -18,7 +18,7 @@
 # 2  roofline of one denoising step at the ~160M owt-small shape (target: within 2x of the floor); fused draw
 # 4  training tokens/s and MFU on one GPU, compiled, at the ~160M paper shape (L = 1024, 64 x 1024 tokens a step;
 #    small_mdlm's data) (target: >= 40%)
-# 3  MDLM loss head on masked rows vs the full head at that shape (time, peak memory)
+# 3  MDLM loss: full head vs masked rows vs chunked head + cross-entropy at that shape (time, peak memory)
 # 1  tests marked gpu (CUDA graphs, compiled decode, bf16 paths)
 # 7  the same for small_mdlm as it is (53M, 14M non-embedding, L = 512)
 # 6  `fewstep experiment small` (docs/experiments.md; needs data/default-gpt2): resumable, so a cut run continues
