@@ -46,6 +46,17 @@ def _grad_rows(z: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, g_nll: torch
     return p.mul_(g_nll[:, None]).to(z.dtype)
 
 
+def _grad_rows_fused(z: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, g_nll: torch.Tensor,
+                     exclude: int | None) -> torch.Tensor:
+    """`_grad_rows` without in-place steps (the scatter of the one-hot would be a kernel of its own), so that the
+    compiled form is one pass: read z, write the gradient."""
+    cols = torch.arange(z.shape[-1], device=z.device)  # (V,)
+    p = (z.to(lse.dtype) - lse[:, None]).exp()  # (n, V)
+    if exclude is not None:
+        p = torch.where(cols == exclude, 0.0, p)
+    return ((p - (cols == y[:, None]).to(p.dtype)) * g_nll[:, None]).to(z.dtype)
+
+
 @functools.cache
 def _compiled(fn):
     return torch.compile(fn, dynamic=True)
@@ -54,7 +65,7 @@ def _compiled(fn):
 class _LinearNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, y, exclude, chunk, fused, dtype):
-        nll_rows, grad_rows = (_compiled(_nll_rows), _compiled(_grad_rows)) if fused else (_nll_rows, _grad_rows)
+        nll_rows, grad_rows = (_compiled(_nll_rows), _compiled(_grad_rows_fused)) if fused else (_nll_rows, _grad_rows)
         h_c, w_c = h.to(dtype), weight.to(dtype)  # (N, D), (V, D): the head's matmul dtype
         nll = torch.empty(h.shape[0], dtype=torch.promote_types(dtype, torch.float32), device=h.device)  # (N,)
         lse = torch.empty_like(nll)
