@@ -104,11 +104,12 @@ class CountingModel(torch.nn.Module):
         return self.inner(x_t, t)
 
 
+@pytest.mark.parametrize("plan", [False, True])
 @pytest.mark.parametrize("steps", [1, 4, 16, 64])
-def test_sampler_invariants(steps):
+def test_sampler_invariants(steps, plan):
     model = CountingModel(_tiny_denoiser(time_cond=True))
     x, traj = sample(model, LogLinear(), batch=5, length=24, steps=steps, mask_id=20, return_trajectory=True,
-                     generator=torch.Generator().manual_seed(0))
+                     generator=torch.Generator().manual_seed(0), plan=plan)
     assert len(traj) == steps + 1 and (traj[0] == 20).all()
     assert not (x == 20).any()  # no mask remains
     for prev, nxt in zip(traj, traj[1:]):
@@ -117,15 +118,121 @@ def test_sampler_invariants(steps):
     assert model.calls == steps  # time-conditioned: no caching, exactly one call per step
 
 
-def test_cached_sampler_skips_calls_and_matches_uncached():
+@pytest.mark.parametrize("plan", [False, True])
+def test_cached_sampler_skips_calls_and_matches_uncached(plan):
     model = CountingModel(_tiny_denoiser(time_cond=False))
-    kw = dict(batch=2, length=24, steps=256, mask_id=20)
+    kw = dict(batch=2, length=24, steps=256, mask_id=20, plan=plan)
     a = sample(model, LogLinear(), cache=True, generator=torch.Generator().manual_seed(3), **kw)
     cached_calls = model.calls
     model.calls = 0
     b = sample(model, LogLinear(), cache=False, generator=torch.Generator().manual_seed(3), **kw)
     assert model.calls == 256 and cached_calls < 256
     assert torch.equal(a, b)  # caching is exact for a model without time conditioning
+
+
+class ConstantDenoiser(torch.nn.Module):
+    """log p(x0 | x_t) = a fixed row at every position (mask column at -inf); counts its calls."""
+
+    time_conditioned = False
+
+    def __init__(self, vocab: int = 21, mask_id: int = 20):
+        super().__init__()
+        self.row = torch.randn(vocab, generator=torch.Generator().manual_seed(0))
+        self.row[mask_id] = -math.inf
+        self.row = self.row.log_softmax(-1)
+
+    def forward(self, x_t, t):
+        return self.row.expand(*x_t.shape, -1)
+
+
+@pytest.mark.parametrize("plan", [False, True])
+@pytest.mark.parametrize("case", ["loglinear_from_mask", "cosine_uneven_grid", "partial_start_ending_above_0"])
+def test_unmasking_steps_have_the_ancestral_law(case, plan):
+    """The step at which each masked position unmasks, with and without the up-front plan, against the exact law:
+    P(step k) = move_k prod_{j < k} (1 - move_j), move = (alpha_s - alpha_t) / (1 - alpha_t) (1 at s = 0), and
+    P(never) = prod_j (1 - move_j) when the grid ends above 0. 24,000 positions, every frequency within 5 SE."""
+    from fewstep.diffusion.sampling import _alpha, _move
+
+    B, L, mask = 480, 50, 20
+    schedule, times, x_init = LogLinear(), None, None
+    if case == "cosine_uneven_grid":
+        schedule, times = Cosine(), torch.tensor([1.0, 0.7, 0.65, 0.2, 0.0], dtype=torch.float64)
+    if case == "partial_start_ending_above_0":
+        times = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+        x_init = torch.where(torch.rand(B, L, generator=torch.Generator().manual_seed(1)) < 0.5, mask, 3)
+    steps = 4 if times is None else len(times) - 1
+    grid = (times if times is not None else torch.linspace(1, 0, steps + 1, dtype=torch.float64)).tolist()
+    moves = [_move(_alpha(schedule, t), _alpha(schedule, s), s) for t, s in zip(grid, grid[1:])]
+    stay = torch.tensor([1 - m for m in moves], dtype=torch.float64)
+    before = torch.cat([torch.ones(1, dtype=torch.float64), stay.cumprod(0)])  # (K + 1,): masked through step k
+    exact = torch.cat([before[:-1] * torch.tensor(moves, dtype=torch.float64), before[-1:]])  # (K + 1,)
+    _, traj = sample(ConstantDenoiser(), schedule, batch=B, length=L, steps=steps, mask_id=mask, times=times,
+                     x_init=x_init, device="cpu", plan=plan, return_trajectory=True,
+                     generator=torch.Generator().manual_seed(2))
+    masked = torch.stack(traj) == mask  # (K + 1, B, L)
+    start = masked[0]
+    step = masked.long().sum(0) - 1  # (B, L): the step that unmasked a position; K if it never did
+    step = torch.where(masked[-1], steps, step)[start]
+    freq = torch.bincount(step, minlength=steps + 1).double() / step.numel()
+    se = (exact * (1 - exact) / step.numel()).sqrt()
+    assert torch.all((freq - exact).abs() <= 5 * se + 1e-12), (freq, exact)
+    assert (case == "partial_start_ending_above_0") == bool(exact[-1] > 0)  # the case tests what it says
+    for prev, nxt in zip(traj, traj[1:]):
+        assert torch.equal(nxt[prev != mask], prev[prev != mask])  # unmasked tokens never change
+
+
+def test_planned_loop_reads_nothing_back_from_the_device():
+    """With the plan, the ancestral loop issues no operation that makes the host wait for the device (a tensor
+    read back as a Python number, nonzero, boolean indexing): the host queues every step at once on a GPU. The
+    plan's own read (the step counts) comes before the first model call; without the plan each step reads back."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    events = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            bool_index = func is torch.ops.aten.index.Tensor and any(
+                i is not None and i.dtype == torch.bool for i in args[1])
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default) or bool_index:
+                events.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Marked(ConstantDenoiser):
+        def forward(self, x_t, t):
+            events.append("model")
+            return super().forward(x_t, t)
+
+    counts = {}
+    for plan in (True, False):
+        events.clear()
+        with Reads():
+            sample(Marked(), LogLinear(), batch=3, length=16, steps=8, mask_id=20, device="cpu", cache=False,
+                   plan=plan, temperature=0.9, generator=torch.Generator().manual_seed(0))
+        first = events.index("model")
+        counts[plan] = sum(e != "model" for e in events[first:])
+    assert counts == {True: 0, False: 8}  # without the plan, each of the 8 steps reads its row count back
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sampler_loop_never_synchronises():
+    """On CUDA (up-front plan and fused draw by default; the denoiser a CUDA graph, as in the bench), every step
+    after the first runs under torch.cuda's sync debug mode "error": an operation that waits for the device raises."""
+    from fewstep.models.inference import GraphedDenoiser
+
+    model = GraphedDenoiser(_tiny_denoiser(time_cond=True).cuda().eval())
+    kw = dict(batch=3, length=24, steps=8, mask_id=20, device="cuda")
+    sample(model, LogLinear(), generator=torch.Generator("cuda").manual_seed(0), **kw)  # capture and compile first
+
+    def strict(k, *_):
+        if k == 0:
+            torch.cuda.set_sync_debug_mode("error")
+
+    try:
+        x = sample(model, LogLinear(), generator=torch.Generator("cuda").manual_seed(1), on_step=strict, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not (x == 20).any()
 
 
 def test_greedy_tail_and_single_step():

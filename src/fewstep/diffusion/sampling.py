@@ -9,6 +9,8 @@ Ancestral MDLM step from t to s < t (Sahoo et al. 2024, Eq. 7): a masked positio
 p_theta(x0 = v | x_t); unmasked positions never change. At s = 0 nothing stays masked. The step is drawn in two
 stages with the same law: first which masked positions unmask (a float64 Bernoulli per position), then a token
 for those positions only, so the float64 vocabulary-wide draw costs B L V once per sample, not once per step.
+Which positions unmask at which step can also be drawn before the loop, with the same law (`unmask_plan`; the
+default on CUDA): the loop then never reads a tensor back, so the host queues step after step without waiting.
 Vocabulary-wide float64 work is done in chunks of rows of at most `DRAW_CHUNK` elements to bound memory.
 
 Uniform-state models (mask_id=None) start from uniform noise and draw every position from the posterior
@@ -147,6 +149,7 @@ def sample(
     unmask: str = "random",
     block: int = 0,
     fused_draw: bool | None = None,
+    plan: bool | None = None,
 ):
     """Ancestral sampling of a masked denoiser `model(x_t, t) -> log p(x0 | x_t)` from the all-mask state.
 
@@ -158,7 +161,10 @@ def sample(
     guidance: an object with `tilt` and `draw` (module docstring), or None for the plain ancestral sampler.
     unmask: "random" (ancestral) or "confidence"; block: block length for block-wise decoding (0 = one block); both
     are described in the module docstring (confidence-based decoding; masked models only). fused_draw: the
-    ancestral draw as one compiled kernel (`draw_rows`; the same tokens); None = on CUDA only.
+    ancestral draw as one compiled kernel (`draw_rows`; the same tokens); None = on CUDA only. plan: draw before
+    the loop the step at which each masked position unmasks (`unmask_plan`: the same law, one host synchronisation
+    per sample instead of one per step, so the loop never waits for the device); None = on CUDA only (it draws
+    other tokens for a seed than the per-step draws). Ancestral unmasking only.
     Returns x0 (B, L), or (x0, trajectory) with trajectory a list of steps + 1 states.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -168,6 +174,8 @@ def sample(
         times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     if len(times) != steps + 1:
         raise ValueError(f"times must have steps + 1 = {steps + 1} points, got {len(times)}")
+    times = [float(t) for t in times]  # host floats: the loop reads no tensor back
+    alphas = [_alpha(schedule, t) for t in times]
     if cache is None:
         cache = not getattr(model, "time_conditioned", True)
     if guidance is not None and mask_id is None:
@@ -180,14 +188,18 @@ def sample(
     else:
         x = torch.full((batch, length), mask_id, dtype=torch.long, device=device)
     trajectory = [x.clone()] if return_trajectory else None
+    planned = None  # the rows each step unmasks, drawn up front
+    if mask_id is not None and unmask == "random" and (device.type == "cuda" if plan is None else plan):
+        moves = [_move(alphas[k], alphas[k + 1], times[k + 1]) for k in range(steps)]
+        planned = unmask_plan(x, mask_id, moves, generator)
     pred, changed = None, True
     for k in range(steps):
-        t, s = (float(times[k]), float(times[k + 1])) if pairs is None else pairs[k]
+        t, s = (times[k], times[k + 1]) if pairs is None else pairs[k]
         if pred is None or changed or not cache:
             with autocast(device, precision):
                 pred = model(x, torch.full((x.shape[0],), t, device=device))  # (B, L, V)
         log_p = pred if guidance is None else guidance.tilt(k, steps, t, s, x, pred)  # the cache keeps pred
-        a_t, a_s = _alpha(schedule, t), _alpha(schedule, s)
+        a_t, a_s = (alphas[k], alphas[k + 1]) if pairs is None else (_alpha(schedule, t), _alpha(schedule, s))
         if mask_id is None:
             if k == steps - 1 and greedy_tail:
                 x_new = log_p.argmax(-1)
@@ -201,7 +213,7 @@ def sample(
                 trajectory.append(x.clone())
             continue
         masked = x == mask_id  # (B, L)
-        move = 1.0 if s <= 0 else (a_s - a_t) / (1 - a_t)  # P(masked -> token); at s = 0 nothing stays masked
+        move = _move(a_t, a_s, s)
         if k == steps - 1 and greedy_tail:
             x_new, changed = torch.where(masked, log_p.argmax(-1), x), True  # unmasked tokens never change
         elif unmask == "confidence":
@@ -209,8 +221,11 @@ def sample(
             x_new = confidence_step(log_p, x, eligible, move, temperature, top_p, generator)
             changed = bool((x_new != x).any())
         else:
-            u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
-            rows = (masked & (u < move)).reshape(-1).nonzero().squeeze(1)  # (N,) flat positions unmasking now
+            if planned is None:
+                u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
+                rows = (masked & (u < move)).reshape(-1).nonzero().squeeze(1)  # (N,) flat positions unmasking now
+            else:
+                rows = planned[k]  # (N,) the same law, drawn before the loop
             lp = log_p.flatten(0, 1)[rows]  # (N, V)
             x_new = x.reshape(-1).clone()  # only the N masked positions are written: unmasked tokens never change
             x_new[rows] = (draw_rows(lp, temperature, top_p, generator, fused=fused) if guidance is None
@@ -222,6 +237,29 @@ def sample(
         if trajectory is not None:
             trajectory.append(x.clone())
     return (x, trajectory) if return_trajectory else x
+
+
+def _move(a_t: float, a_s: float, s: float) -> float:
+    """P(masked -> token) of one ancestral step from t to s; at s = 0 nothing stays masked."""
+    return 1.0 if s <= 0 else (a_s - a_t) / (1 - a_t)
+
+
+def unmask_plan(x: torch.Tensor, mask_id: int, moves: list[float], generator=None) -> list[torch.Tensor]:
+    """The flat positions that unmask at each of the K steps, drawn up front: K tensors (N_k,), ascending.
+
+    Step k unmasks a still-masked position with probability move_k, independently of the tokens, so a masked
+    position unmasks at the first k with u < c_k = 1 - prod_{j <= k} (1 - move_j), u ~ U[0, 1) once per position
+    (never, if the grid ends above t = 0 and u >= c_{K-1}): the per-step Bernoulli draws' law. Sorting positions by
+    that step gives each step's rows with one host synchronisation (the K counts), not one per step. x: (B, L).
+    """
+    K, n = len(moves), x.numel()
+    c = 1 - torch.tensor([1 - m for m in moves], dtype=torch.float64).cumprod(0)  # (K,) non-decreasing
+    u = torch.rand(n, dtype=torch.float64, device=x.device, generator=generator)  # (B L,)
+    step = torch.searchsorted(c.to(x.device), u, right=True)  # (B L,): first k with u < c_k, K if none
+    step = torch.where(x.reshape(-1) == mask_id, step, K)  # unmasked positions never unmask
+    step, order = step.sort(stable=True)  # positions by step, ascending within a step
+    bounds = torch.searchsorted(step, torch.arange(K + 1, device=x.device)).tolist()  # the one synchronisation
+    return [order[bounds[k] : bounds[k + 1]] for k in range(K)]
 
 
 def _confidence_plan(unmask, block, steps, length, times, mask_id, guidance):
