@@ -133,3 +133,24 @@ def test_bench_from_checkpoints(pydoc_data, tmp_path, capsys):
     capsys.readouterr()
     assert main(["bench", "--ckpt", str(runs["mdlm"]), "--ar-ckpt", str(tmp_path / "ar_gpt2")]) == 2
     assert "--ar-ckpt uses tokenizer 'gpt2' but --ckpt 'byte'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, args, keys", [
+    ("roofline.py", ["--preset", "tiny", "--repeats", "2", "--no-compile"],
+     {"floor_s", "step_floor_s", "variants_s", "best_step_over_floor", "git_sha", "device_name"}),
+    ("draw.py", ["--rows", "16", "--vocab", "1000", "--warmup", "1", "--repeats", "1", "--no-append"],
+     {"same_tokens", "fused_s", "unfused_s", "rand_s", "git_sha"}),
+    ("loss_head.py", ["--vocab", "500", "--d-model", "32", "--layers", "1", "--heads", "2", "--batch", "2", "--len",
+                      "32", "--warmup", "1", "--repeats", "1", "--no-append"],
+     {"full_ms", "masked_ms", "chunked_ms", "full_saved_bytes", "chunked_saved_bytes", "git_sha"}),
+])
+def test_device_bench_scripts_run_on_cpu(script, args, keys):
+    """The scripts bench/gpu_checks.sh runs on a GPU, at toy sizes on CPU: they run and print their JSON last,
+    so a lent device's minutes are not lost to a script that broke since its last run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert keys <= set(out), keys - set(out)
+    assert out.get("same_tokens", True) is True  # draw.py: the fused race draws the unfused tokens
