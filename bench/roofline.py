@@ -11,8 +11,10 @@ Floor of one model call at batch B and length L, from numbers measured in this r
                                                        written and read, float32 log-probs read)
 R_mm is measured twice: on a large 8192^3 product (the device's best) and on this model's own matmul shapes at
 M = B L (what this step can hope for); the floor uses the best rate, the ratio to the shape rate is also given.
-Each variant of the step is timed CUDA-synchronised, median of repeats after warm-up. The last line printed is
-JSON; with --append it is also appended to bench/results/roofline-<preset>.jsonl with the git SHA and device.
+Each variant of the step is timed CUDA-synchronised, median of repeats after warm-up. Two 64-step samples, with
+the unmasking steps drawn up front and drawn (and read back) step by step, give the cost of a read-back per step.
+The last line printed is JSON; with --append it is also appended to bench/results/roofline-<preset>.jsonl with the
+git SHA and device.
 """
 
 from __future__ import annotations
@@ -107,11 +109,11 @@ def main(argv=None) -> int:
     t = torch.ones(args.batch, device=device)
     variants: dict[str, float] = {}
 
-    def time_it(name, fn=None, make=None):
+    def time_it(name, fn=None, make=None, repeats=None):
         """make: builds fn (a CUDA-graph capture) inside the try, so a capture that fails is reported too."""
         try:
             fn = make() if make is not None else fn
-            _, sec, _ = timed(fn, device=device, warmup=3, repeats=args.repeats)
+            _, sec, _ = timed(fn, device=device, warmup=3, repeats=repeats or args.repeats)
         except Exception as e:  # a variant that does not run on this device/build is reported, not fatal
             log(f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
             variants[name] = None
@@ -126,9 +128,9 @@ def main(argv=None) -> int:
             time_it("backbone only fp32 weights + autocast", lambda: dlm.backbone(x, None))
         sched = get_schedule("loglinear")
         gen = torch.Generator(device=device).manual_seed(0)
-        step = lambda m, prec, fused=None: sample(m, sched, batch=args.batch, length=length, steps=1,
-                                                  mask_id=m.mask_id, generator=gen, device=device, precision=prec,
-                                                  fused_draw=False if args.no_compile else fused)  # None: on CUDA
+        step = lambda m, prec, fused=None, steps=1, plan=None: sample(  # None: on CUDA
+            m, sched, batch=args.batch, length=length, steps=steps, mask_id=m.mask_id, generator=gen, device=device,
+            precision=prec, fused_draw=False if args.no_compile else fused, plan=plan)
         time_it("sampler step fp32 weights + autocast", lambda: step(dlm, "bf16"))
         half = dlm.to(torch.bfloat16)
         time_it("forward bf16 weights", lambda: half(x, t))
@@ -149,6 +151,11 @@ def main(argv=None) -> int:
                 time_it("sampler step bf16 weights, compiled + CUDA graph", lambda: step(g_comp, "fp32"))
                 time_it("sampler step bf16 weights, compiled + CUDA graph, unfused draw",
                         lambda: step(g_comp, "fp32", False))
+        fast = cuda and not args.no_compile  # 64 steps: what reading back each step's rows costs (sample(plan=))
+        den, tag = (g_comp, "compiled + CUDA graph") if fast else (half, "eager")
+        for plan in (True, False):
+            time_it(f"64-step sample bf16 weights, {tag}, {'planned' if plan else 'per-step'} unmasking",
+                    lambda p=plan: step(den, "fp32", steps=64, plan=p), repeats=5)
         logp = half(x, t)
         time_it("float64 draw over (B, L, V)", lambda: sample_categorical(filter_probs(logp), gen))
         if not args.no_compile:
