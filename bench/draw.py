@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from fewstep.compiled import fallbacks
 from fewstep.diffusion.sampling import draw_rows
 from fewstep.eval.speed import append_rows, provenance, timed
 
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     row = {"rows": args.rows, "vocab": args.vocab, "temperature": args.temperature, "same_tokens": same,
            "unfused_s": sec["unfused"], "fused_s": sec["fused"], "rand_s": sec["rand"],
            "speedup": sec["unfused"] / sec["fused"], "device": str(device), "threads": torch.get_num_threads(),
-           **provenance(device)}
+           "compile_fallbacks": fallbacks(), **provenance(device)}
     if not args.no_append:
         append_rows(Path(__file__).parent / "results" / f"draw-{device.type}.jsonl", [row])
     print(json.dumps(row))

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from fewstep.compiled import fallbacks
 from fewstep.diffusion.mdlm import MaskedDenoiser, nelbo, q_xt, sample_t
 from fewstep.diffusion.sampling import autocast
 from fewstep.diffusion.schedule import LogLinear, weight
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
         **{f"{k}_peak_bytes": peak.get(k) for k in paths}, **{f"{k}_saved_bytes": v for k, v in saved.items()},
         "max_rel_diff": max_rel,
         "command": " ".join(["python", "bench/loss_head.py", *(argv if argv is not None else sys.argv[1:])]),
-        "device": device.type, **provenance(device),
+        "device": device.type, "compile_fallbacks": fallbacks(), **provenance(device),
     }
     if not args.no_append:
         append_rows(Path(__file__).parent / "results" / f"loss-head-{device.type}.jsonl", [row])

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from fewstep.compiled import fallbacks
 from fewstep.diffusion.sampling import draw_rows, filter_probs, sample, sample_categorical
 from fewstep.diffusion.schedule import get_schedule
 from fewstep.eval.bench import PRESETS, random_models
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
            "best_forward_over_floor": best_fwd / floor if best_fwd else None,
            "best_step_over_floor": best_step / floor if best_step else None,
            "best_step_over_step_floor": best_step / step_floor if best_step else None,
-           **provenance(device)}
+           "compile_fallbacks": fallbacks(), **provenance(device)}
     if args.append:
         append_rows(Path(__file__).parent / "results" / f"roofline-{args.preset}.jsonl", [row])
     print(json.dumps(row, default=str))

@@ -62,6 +62,7 @@ def run_one(args, nproc: int, mode: str, out: Path, port: int) -> dict:
             "steps": args.steps, "log_every": args.log_every, "tokens_per_s": tps,
             "tokens_per_s_windows": [r["tokens_per_s"] for r in windows],
             "mfu": tps * per_token[0] if per_token else None,
+            "compile_fallbacks": sorted({f for r in logs for f in r.get("compile_fallbacks", [])}),
             "wall_s": wall, "threads_per_process": args.threads, "overrides": args.overrides,
             "command": " ".join([f"OMP_NUM_THREADS={args.threads}", "python", *cmd[1:]]).replace(str(out), "OUT"),
             "device": args.device, **provenance(args.device, _device_name(args.device, args.threads))}

@@ -30,6 +30,7 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 
 from fewstep import checkpoint, parallel
+from fewstep.compiled import fallbacks
 from fewstep.config import FewstepError, RunConfig, to_dict
 from fewstep.diffusion.sampling import autocast
 from fewstep.models import rope_tables
@@ -460,6 +461,8 @@ def _fit(task, cfg: RunConfig, *, train_data, val_data, meta: dict, device: torc
                    "tokens_per_s": tokens_per_step * (done - s0) / dt if done > s0 else None}
             if peak and fpt and row["tokens_per_s"]:
                 row["mfu"] = row["tokens_per_s"] * fpt / (peak * world)
+            if fallbacks():  # a compiled pass (fewstep.compiled) fell back to eager: this rate is not the compiled one
+                row["compile_fallbacks"] = fallbacks()
             logger.log(row)
             bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items() if k.startswith("loss/")})
             summary.update(row)

@@ -40,6 +40,7 @@ import functools
 
 import torch
 
+from fewstep.compiled import kernel
 from fewstep.diffusion.uniform import posterior_probs
 
 TINY = torch.finfo(torch.float64).tiny
@@ -81,9 +82,8 @@ def _race(log_p: torch.Tensor, u: torch.Tensor, inv_temperature: float) -> torch
     return (p / (-torch.log1p(-u)).clamp_min(TINY)).argmax(-1)
 
 
-@functools.cache
 def _fused_race():
-    return torch.compile(_race, dynamic=True)
+    return kernel(_race)
 
 
 def draw_rows(log_p: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, generator=None, probs_fn=None,

@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from fewstep.compiled import fallbacks
 from fewstep.config import FewstepError
 from fewstep.eval.speed import provenance, timed
 
@@ -91,7 +92,7 @@ def time_dlm(model, *, batch, length, steps, device, precision="fp32", repeats=1
     _, sec, times = timed(fn, device=device, warmup=0, repeats=repeats)
     return _row("mdlm", "mdlm", "ancestral" if guidance is None else "rgas", batch=batch, length=length,
                 seconds=sec, times=times, device=device, precision=precision, steps=steps, greedy_tail=False,
-                sampling_dtype="float64", fused_draw=fused, unmask_plan=cuda)
+                sampling_dtype="float64", fused_draw=fused, unmask_plan=cuda, compile_fallbacks=fallbacks())
 
 
 @torch.no_grad()

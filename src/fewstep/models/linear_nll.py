@@ -12,14 +12,15 @@ logits z = h W^T and forms the gradient (softmax(z) - onehot(y)) * dL/dnll in on
 
 Cost: one more head matmul (its FLOPs go from 3 to 4 forward-equivalents); memory: a chunk of logits instead of
 several (N, V) tensors. The logits use autocast's dtype when autocast is on (bf16 on a GPU), as `head(h)` would, and
-lse, the NLL and the softmax are float32. On CUDA the two per-chunk passes are compiled kernels (`fused=None`).
+lse, the NLL and the softmax are float32. On CUDA the two per-chunk passes are compiled kernels (`fused=None`;
+`fewstep.compiled`).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from fewstep.compiled import kernel
 
 CHUNK = 2**26  # logits per chunk (rows x V): 256 MB in float32, 1,335 rows at V = 50,258
 NEG_INF = -1e6  # finite "log 0": keeps 0 * log 0 terms free of NaN in divergences
@@ -57,15 +58,10 @@ def _grad_rows_fused(z: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, g_nll:
     return ((p - (cols == y[:, None]).to(p.dtype)) * g_nll[:, None]).to(z.dtype)
 
 
-@functools.cache
-def _compiled(fn):
-    return torch.compile(fn, dynamic=True)
-
-
 class _LinearNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, y, exclude, chunk, fused, dtype):
-        nll_rows, grad_rows = (_compiled(_nll_rows), _compiled(_grad_rows_fused)) if fused else (_nll_rows, _grad_rows)
+        nll_rows, grad_rows = (kernel(_nll_rows), kernel(_grad_rows_fused)) if fused else (_nll_rows, _grad_rows)
         h_c, w_c = h.to(dtype), weight.to(dtype)  # (N, D), (V, D): the head's matmul dtype
         nll = torch.empty(h.shape[0], dtype=torch.promote_types(dtype, torch.float32), device=h.device)  # (N,)
         lse = torch.empty_like(nll)
