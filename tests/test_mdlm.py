@@ -131,7 +131,7 @@ def test_cached_sampler_skips_calls_and_matches_uncached(plan):
 
 
 class ConstantDenoiser(torch.nn.Module):
-    """log p(x0 | x_t) = a fixed row at every position (mask column at -inf); counts its calls."""
+    """log p(x0 | x_t) = a fixed row at every position (mask column at -inf)."""
 
     time_conditioned = False
 
