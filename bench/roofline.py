@@ -12,7 +12,8 @@ Floor of one model call at batch B and length L, from numbers measured in this r
 R_mm is measured twice: on a large 8192^3 product (the device's best) and on this model's own matmul shapes at
 M = B L (what this step can hope for); the floor uses the best rate, the ratio to the shape rate is also given.
 Each variant of the step is timed CUDA-synchronised, median of repeats after warm-up. Two 64-step samples, with
-the unmasking steps drawn up front and drawn (and read back) step by step, give the cost of a read-back per step.
+the unmasking steps drawn up front and drawn (and read back) step by step, give the cost of a read-back per step;
+4- and 64-step samples with the vocabulary head on the unmasking rows only and on every row, what the row head saves.
 The last line printed is JSON; with --append it is also appended to bench/results/roofline-<preset>.jsonl with the
 git SHA and device.
 """
@@ -129,9 +130,9 @@ def main(argv=None) -> int:
             time_it("backbone only fp32 weights + autocast", lambda: dlm.backbone(x, None))
         sched = get_schedule("loglinear")
         gen = torch.Generator(device=device).manual_seed(0)
-        step = lambda m, prec, fused=None, steps=1, plan=None: sample(  # None: on CUDA
+        step = lambda m, prec, fused=None, steps=1, plan=None, row_head=None: sample(  # None: the default
             m, sched, batch=args.batch, length=length, steps=steps, mask_id=m.mask_id, generator=gen, device=device,
-            precision=prec, fused_draw=False if args.no_compile else fused, plan=plan)
+            precision=prec, fused_draw=False if args.no_compile else fused, plan=plan, row_head=row_head)
         time_it("sampler step fp32 weights + autocast", lambda: step(dlm, "bf16"))
         half = dlm.to(torch.bfloat16)
         time_it("forward bf16 weights", lambda: half(x, t))
@@ -152,11 +153,17 @@ def main(argv=None) -> int:
                 time_it("sampler step bf16 weights, compiled + CUDA graph", lambda: step(g_comp, "fp32"))
                 time_it("sampler step bf16 weights, compiled + CUDA graph, unfused draw",
                         lambda: step(g_comp, "fp32", False))
+                time_it("sampler step bf16 weights, compiled + CUDA graph, full head",
+                        lambda: step(g_comp, "fp32", row_head=False))
         fast = cuda and not args.no_compile  # 64 steps: what reading back each step's rows costs (sample(plan=))
         den, tag = (g_comp, "compiled + CUDA graph") if fast else (half, "eager")
         for plan in (True, False):
             time_it(f"64-step sample bf16 weights, {tag}, {'planned' if plan else 'per-step'} unmasking",
                     lambda p=plan: step(den, "fp32", steps=64, plan=p), repeats=5)
+        for k in (4, 64):  # the head on the unmasking rows only (sample(row_head=), the default) against every row
+            for rh in (True, False):
+                time_it(f"{k}-step sample bf16 weights, {tag}, {'row' if rh else 'full'} head",
+                        lambda k=k, rh=rh: step(den, "fp32", steps=k, row_head=rh), repeats=5)
         logp = half(x, t)
         time_it("float64 draw over (B, L, V)", lambda: sample_categorical(filter_probs(logp), gen))
         if not args.no_compile:

@@ -140,6 +140,9 @@ def test_bench_from_checkpoints(pydoc_data, tmp_path, capsys):
      {"floor_s", "step_floor_s", "variants_s", "best_step_over_floor", "git_sha", "device_name"}),
     ("draw.py", ["--rows", "16", "--vocab", "1000", "--warmup", "1", "--repeats", "1", "--no-append"],
      {"same_tokens", "fused_s", "unfused_s", "rand_s", "git_sha"}),
+    ("row_head.py", ["--d-model", "32", "--layers", "1", "--heads", "2", "--len", "32", "--vocab", "500", "--steps",
+                     "1,4", "--warmup", "0", "--repeats", "1", "--no-append"],
+     {"rows", "params", "git_sha", "device_name"}),
     ("loss_head.py", ["--vocab", "500", "--d-model", "32", "--layers", "1", "--heads", "2", "--batch", "2", "--len",
                       "32", "--warmup", "1", "--repeats", "1", "--no-append"],
      {"full_ms", "masked_ms", "chunked_ms", "full_saved_bytes", "chunked_saved_bytes", "git_sha"}),
@@ -154,3 +157,8 @@ def test_device_bench_scripts_run_on_cpu(script, args, keys):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert keys <= set(out), keys - set(out)
     assert out.get("same_tokens", True) is True  # draw.py: the fused race draws the unfused tokens
+    if script == "row_head.py":  # both heads timed at each step count
+        assert [r["steps"] for r in out["rows"]] == [1, 4] and all(r["row_head_s"] > 0 for r in out["rows"])
+    failed = [k for k, v in out.get("variants_s", {}).items() if v is None]  # roofline.py: a variant that raised
+    assert not failed
+    assert script != "roofline.py" or "4-step sample bf16 weights, eager, row head" in out["variants_s"]

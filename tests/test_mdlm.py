@@ -99,35 +99,113 @@ class CountingModel(torch.nn.Module):
     def time_conditioned(self):
         return self.inner.time_conditioned
 
-    def forward(self, x_t, t):
+    @property
+    def splits_head(self):
+        return self.inner.splits_head
+
+    def head_log_probs(self, h):
+        return self.inner.head_log_probs(h)
+
+    def forward(self, x_t, t, **flags):
         self.calls += 1
-        return self.inner(x_t, t)
+        return self.inner(x_t, t, **flags)
 
 
+@pytest.mark.parametrize("row_head", [False, True])
 @pytest.mark.parametrize("plan", [False, True])
 @pytest.mark.parametrize("steps", [1, 4, 16, 64])
-def test_sampler_invariants(steps, plan):
+def test_sampler_invariants(steps, plan, row_head):
     model = CountingModel(_tiny_denoiser(time_cond=True))
     x, traj = sample(model, LogLinear(), batch=5, length=24, steps=steps, mask_id=20, return_trajectory=True,
-                     generator=torch.Generator().manual_seed(0), plan=plan)
+                     generator=torch.Generator().manual_seed(0), plan=plan, row_head=row_head)
     assert len(traj) == steps + 1 and (traj[0] == 20).all()
     assert not (x == 20).any()  # no mask remains
     for prev, nxt in zip(traj, traj[1:]):
         keep = prev != 20
         assert (nxt[keep] == prev[keep]).all()  # unmasked tokens never change
-    assert model.calls == steps  # time-conditioned: no caching, exactly one call per step
+    moved = sum(bool((a != b).any()) for a, b in zip(traj, traj[1:]))  # steps that unmasked something
+    # time-conditioned: no caching, one call per step; with the row head none for a step that unmasks nothing
+    assert model.calls == (moved if row_head else steps)
+    assert (moved < steps) == (steps == 64)  # at 64 steps some step unmasks nothing: the count above is tested
 
 
+@pytest.mark.parametrize("row_head", [False, True])
 @pytest.mark.parametrize("plan", [False, True])
-def test_cached_sampler_skips_calls_and_matches_uncached(plan):
+def test_cached_sampler_skips_calls_and_matches_uncached(plan, row_head):
     model = CountingModel(_tiny_denoiser(time_cond=False))
-    kw = dict(batch=2, length=24, steps=256, mask_id=20, plan=plan)
+    kw = dict(batch=2, length=24, steps=256, mask_id=20, plan=plan, row_head=row_head)
     a = sample(model, LogLinear(), cache=True, generator=torch.Generator().manual_seed(3), **kw)
     cached_calls = model.calls
     model.calls = 0
     b = sample(model, LogLinear(), cache=False, generator=torch.Generator().manual_seed(3), **kw)
-    assert model.calls == 256 and cached_calls < 256
+    # the row head calls the model only at steps that unmask something, each after a change: nothing to cache
+    assert model.calls == (cached_calls if row_head else 256) and cached_calls < 256
     assert torch.equal(a, b)  # caching is exact for a model without time conditioning
+
+
+class ContextDenoiser(torch.nn.Module):
+    """A MaskedDenoiser-like model whose every operation is row-wise (no matrix product over rows), so the head on
+    a subset of rows is bit-identical to the full head's rows: log p^l = log_softmax(a_l + W[x^{l+1}]), the mask
+    column at -inf, SUBS carry-over at unmasked positions. `hidden=True` returns the logits; the head normalises."""
+
+    splits_head = True
+
+    def __init__(self, time_conditioned: bool, vocab: int = 21, length: int = 24, mask_id: int = 20):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.a = torch.nn.Parameter(torch.randn(length, vocab, generator=g))
+        self.W = torch.nn.Parameter(2 * torch.randn(vocab, vocab, generator=g))
+        self.time_conditioned, self.mask_id, self.calls = time_conditioned, mask_id, 0
+
+    def head_log_probs(self, h):
+        return h.masked_fill(torch.arange(h.shape[-1]) == self.mask_id, NEG_INF).log_softmax(-1)
+
+    def forward(self, x_t, t, hidden=False):
+        self.calls += 1
+        h = self.a + self.W[x_t.roll(-1, dims=1)] + (t[:, None, None] if self.time_conditioned else 0)  # (B, L, V)
+        if hidden:
+            return h
+        log_p = self.head_log_probs(h)
+        unmasked = (x_t != self.mask_id)[..., None]
+        return torch.where(unmasked, torch.full_like(log_p, NEG_INF).scatter(-1, x_t[..., None], 0.0), log_p)
+
+
+@pytest.mark.parametrize("time_conditioned", [False, True])
+@pytest.mark.parametrize("plan", [False, True])
+def test_row_head_draws_the_full_heads_tokens(plan, time_conditioned):
+    """The head on the unmasking rows only is the same sampler: with a model whose rows are computed exactly the
+    same way either way, every setting draws the full head's tokens bit for bit, with fewer model calls when some
+    step unmasks nothing (every such step, time-conditioned or not)."""
+    settings = [dict(steps=1), dict(steps=4, greedy_tail=True), dict(steps=64), dict(steps=16, temperature=0.7),
+                dict(steps=8, top_p=0.9), dict(steps=64, cache=False),
+                dict(steps=2, times=torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64), x_init=torch.where(
+                    torch.rand(6, 24, generator=torch.Generator().manual_seed(1)) < 0.5, 20, 3))]
+    fewer = 0
+    for kw in settings:
+        out, calls = {}, {}
+        for row_head in (False, True):
+            model = ContextDenoiser(time_conditioned)
+            out[row_head] = sample(model, Cosine(), batch=6, length=24, mask_id=20, device="cpu", plan=plan,
+                                   row_head=row_head, return_trajectory=True,
+                                   generator=torch.Generator().manual_seed(7), **kw)[1]
+            calls[row_head] = model.calls
+        for a, b in zip(*out.values()):
+            assert torch.equal(a, b), kw
+        assert calls[True] <= calls[False]
+        fewer += calls[True] < calls[False]
+    assert fewer >= 1  # some setting had a step that unmasked nothing
+
+
+def test_row_head_is_refused_where_it_cannot_apply():
+    model = _tiny_denoiser(time_cond=False)
+    kw = dict(batch=2, length=24, steps=2, mask_id=20, row_head=True)
+    with pytest.raises(ValueError, match="row_head=True needs"):
+        sample(model, LogLinear(), on_step=lambda *a: None, **kw)
+    with pytest.raises(ValueError, match="row_head=True needs"):
+        sample(model, LogLinear(), unmask="confidence", **kw)
+    with pytest.raises(ValueError, match="row_head=True needs"):
+        sample(ConstantDenoiser(), LogLinear(), device="cpu", **kw)  # no splits_head
+    assert model.splits_head and not MaskedDenoiser(torch.nn.Identity(), 20).splits_head
 
 
 class ConstantDenoiser(torch.nn.Module):
@@ -145,9 +223,22 @@ class ConstantDenoiser(torch.nn.Module):
         return self.row.expand(*x_t.shape, -1)
 
 
+class SplitConstantDenoiser(ConstantDenoiser):
+    """The same model through the row head's interface."""
+
+    splits_head = True
+
+    def forward(self, x_t, t, hidden=False):
+        return x_t.new_zeros(*x_t.shape, 1, dtype=torch.float32) if hidden else super().forward(x_t, t)
+
+    def head_log_probs(self, h):
+        return self.row.expand(h.shape[0], -1)
+
+
+@pytest.mark.parametrize("row_head", [False, True])
 @pytest.mark.parametrize("plan", [False, True])
 @pytest.mark.parametrize("case", ["loglinear_from_mask", "cosine_uneven_grid", "partial_start_ending_above_0"])
-def test_unmasking_steps_have_the_ancestral_law(case, plan):
+def test_unmasking_steps_have_the_ancestral_law(case, plan, row_head):
     """The step at which each masked position unmasks, with and without the up-front plan, against the exact law:
     P(step k) = move_k prod_{j < k} (1 - move_j), move = (alpha_s - alpha_t) / (1 - alpha_t) (1 at s = 0), and
     P(never) = prod_j (1 - move_j) when the grid ends above 0. 24,000 positions (~12,000 masked ones from the
@@ -167,8 +258,9 @@ def test_unmasking_steps_have_the_ancestral_law(case, plan):
     stay = torch.tensor([1 - m for m in moves], dtype=torch.float64)
     before = torch.cat([torch.ones(1, dtype=torch.float64), stay.cumprod(0)])  # (K + 1,): masked through step k
     exact = torch.cat([before[:-1] * torch.tensor(moves, dtype=torch.float64), before[-1:]])  # (K + 1,)
-    _, traj = sample(ConstantDenoiser(), schedule, batch=B, length=L, steps=steps, mask_id=mask, times=times,
-                     x_init=x_init, device="cpu", plan=plan, return_trajectory=True,
+    model = SplitConstantDenoiser() if row_head else ConstantDenoiser()
+    _, traj = sample(model, schedule, batch=B, length=L, steps=steps, mask_id=mask, times=times, x_init=x_init,
+                     device="cpu", plan=plan, row_head=row_head, return_trajectory=True,
                      generator=torch.Generator().manual_seed(2))
     masked = torch.stack(traj) == mask  # (K + 1, B, L)
     start = masked[0]
@@ -198,42 +290,91 @@ def test_planned_loop_reads_nothing_back_from_the_device():
                 events.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    class Marked(ConstantDenoiser):
-        def forward(self, x_t, t):
+    class Marked(SplitConstantDenoiser):
+        def forward(self, x_t, t, hidden=False):
             events.append("model")
-            return super().forward(x_t, t)
+            return super().forward(x_t, t, hidden)
 
     counts = {}
     for plan in (True, False):
-        events.clear()
-        with Reads():
-            sample(Marked(), LogLinear(), batch=3, length=16, steps=8, mask_id=20, device="cpu", cache=False,
-                   plan=plan, temperature=0.9, generator=torch.Generator().manual_seed(0))
-        first = events.index("model")
-        counts[plan] = sum(e != "model" for e in events[first:])
-    assert counts == {True: 0, False: 8}  # without the plan, each of the 8 steps reads its row count back
+        for row_head in (False, True):
+            events.clear()
+            with Reads():
+                sample(Marked(), LogLinear(), batch=3, length=16, steps=8, mask_id=20, device="cpu", cache=False,
+                       plan=plan, row_head=row_head, temperature=0.9, generator=torch.Generator().manual_seed(0))
+            first = events.index("model")
+            counts[plan, row_head] = sum(e != "model" for e in events[first:])
+    # without the plan, each of the 8 steps reads its row count back (the row head: the 7 after the first call)
+    assert counts == {(True, False): 0, (True, True): 0, (False, False): 8, (False, True): 7}
+
+
+class StrictAfterFirstCall:
+    """The model, with torch.cuda's sync debug mode set to "error" once its first call has been queued."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **flags):
+        out = self.inner(*args, **flags)
+        torch.cuda.set_sync_debug_mode("error")
+        return out
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_sampler_loop_never_synchronises():
-    """On CUDA (up-front plan and fused draw by default; the denoiser a CUDA graph, as in the bench), every step
-    after the first runs under torch.cuda's sync debug mode "error": an operation that waits for the device raises."""
+@pytest.mark.parametrize("row_head", [False, True])
+def test_cuda_sampler_loop_never_synchronises(row_head):
+    """On CUDA (up-front plan and fused draw by default; the denoiser a CUDA graph, as in the bench), everything
+    after the first model call runs under torch.cuda's sync debug mode "error": an operation that waits for the
+    device raises. With and without the head on the unmasking rows only; the trunk's graph equals the eager trunk."""
     from fewstep.models.inference import GraphedDenoiser
 
-    model = GraphedDenoiser(_tiny_denoiser(time_cond=True).cuda().eval())
-    kw = dict(batch=3, length=24, steps=8, mask_id=20, device="cuda")
+    inner = _tiny_denoiser(time_cond=True).cuda().eval()
+    model = GraphedDenoiser(inner)
+    kw = dict(batch=3, length=24, steps=8, mask_id=20, device="cuda", row_head=row_head)
     sample(model, LogLinear(), generator=torch.Generator("cuda").manual_seed(0), **kw)  # capture and compile first
-
-    def strict(k, *_):
-        if k == 0:
-            torch.cuda.set_sync_debug_mode("error")
-
     try:
-        x = sample(model, LogLinear(), generator=torch.Generator("cuda").manual_seed(1), on_step=strict, **kw)
+        x = sample(StrictAfterFirstCall(model), LogLinear(), generator=torch.Generator("cuda").manual_seed(1), **kw)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert not (x == 20).any()
+    x_t, t = torch.full((3, 24), 20, device="cuda"), torch.rand(3, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x_t, t, hidden=True).clone(), inner(x_t, t, hidden=True))
+        torch.testing.assert_close(model(x_t, t).clone(), inner(x_t, t))  # the two graphs kept apart
+
+
+def test_graphed_denoiser_keeps_a_graph_per_flag(monkeypatch):
+    """GraphedDenoiser on CPU with a stand-in for the CUDA graph (replay recomputes the captured output in place,
+    from the captured input buffers): the trunk (`hidden=True`) and the full call get graphs of their own, and the
+    sampler's row head through it draws the unwrapped model's tokens."""
+    from fewstep.models import inference
+
+    class Replay:
+        def __init__(self, fn, args):
+            self.fn, self.args, self.out = fn, args, fn(*args)
+
+        def replay(self):
+            self.out.copy_(self.fn(*self.args))
+
+    def fake_capture(fn, *args, warmup=2):
+        graph = Replay(fn, args)
+        return graph, graph.out
+
+    monkeypatch.setattr(inference, "capture", fake_capture)
+    inner = _tiny_denoiser(time_cond=True).eval()
+    model = inference.GraphedDenoiser(inner)
+    kw = dict(batch=3, length=24, steps=6, mask_id=20, device="cpu", row_head=True)
+    with torch.no_grad():
+        got = sample(model, LogLinear(), generator=torch.Generator().manual_seed(4), **kw)
+        want = sample(inner, LogLinear(), generator=torch.Generator().manual_seed(4), **kw)
+        assert torch.equal(got, want)
+        x_t, t = torch.full((3, 24), 20), torch.rand(3)
+        torch.testing.assert_close(model(x_t, t), inner(x_t, t), rtol=0, atol=0)
+    assert sorted(flags for *_, flags in model.graphs) == [(), (("hidden", True),)]
 
 
 def test_greedy_tail_and_single_step():
@@ -362,6 +503,9 @@ def test_masked_only_forward_is_the_full_forward_at_masked_rows(time_cond):
     assert rows.dtype == torch.float32 and rows.shape == (int((x_t == 20).sum()), 21)
     torch.testing.assert_close(rows, model(x_t, t)[x_t == 20], rtol=1e-5, atol=1e-5)
     assert (rows[:, 20] < -1e5).all()  # zero-masking
+    h = model(x_t, t, hidden=True)  # (B, L, D): the sampler's row head, on the masked rows
+    assert h.shape == (3, 24, 32)
+    torch.testing.assert_close(model.head_log_probs(h[x_t == 20]), rows, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("time_cond", [False, True])

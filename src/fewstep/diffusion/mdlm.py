@@ -30,6 +30,10 @@ class MaskedDenoiser(nn.Module):
     `forward(x_t, t, targets=x0) -> (N,)`: -log p_theta(x0^l | x_t) at the N masked positions, through
     `linear_nll` (the head and the cross-entropy chunk by chunk of rows: no (N, V) tensor is kept for the backward).
     The NELBO's path (`masked_nll`).
+
+    `forward(x_t, t, hidden=True) -> (B, L, D)`: the final hidden states alone, and `head_log_probs(h[rows])` the
+    log-probabilities at chosen masked rows (N, V): the sampler's path (`sample(row_head=...)`), which needs the
+    head only where a token is drawn. A CUDA graph or compiled call wraps the trunk; the head runs on N rows.
     """
 
     def __init__(self, backbone: nn.Module, mask_id: int):
@@ -41,19 +45,31 @@ class MaskedDenoiser(nn.Module):
         return self.backbone.time_cond
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, masked_only: bool = False,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
         t = t if self.backbone.time_cond else None
+        if hidden:
+            return self.backbone.hidden(x_t, t)  # (B, L, D)
         if masked_only or targets is not None:
             masked = x_t == self.mask_id  # (B, L)
             h = self.backbone.hidden(x_t, t)[masked]  # (N, D)
             if targets is not None:  # (N,): the head has no bias (Transformer)
                 return linear_nll(h, self.backbone.head.weight, targets[masked], exclude=self.mask_id)
-            return self._log_probs(self.backbone.head(h))  # (N, V); masked rows: no carry-over
+            return self.head_log_probs(h)  # (N, V)
         log_p = self._log_probs(self.backbone(x_t, t))  # (B, L, V)
         unmasked, x = (x_t != self.mask_id)[..., None], x_t[..., None]  # (B, L, 1)
         # carry-over: an unmasked row is log 0 but for 0 at its own token; a masked row keeps its value at x = mask
         own = torch.where(unmasked, 0.0, log_p.gather(-1, x))  # (B, L, 1)
         return log_p.masked_fill(unmasked, NEG_INF).scatter_(-1, x, own)  # one (B, L, V) tensor, not three
+
+    @property
+    def splits_head(self) -> bool:
+        """Whether `hidden=True` and `head_log_probs` work: a backbone with `hidden` and a linear `head`."""
+        return hasattr(self.backbone, "hidden") and isinstance(getattr(self.backbone, "head", None), nn.Linear)
+
+    def head_log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """log p_theta(x0 | x_t) (N, V) float32 at N masked positions from their final hidden states (N, D): the
+        head and zero-masking, no carry-over (a masked row has none)."""
+        return self._log_probs(self.backbone.head(h))
 
     def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()

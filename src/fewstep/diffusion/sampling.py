@@ -11,6 +11,9 @@ stages with the same law: first which masked positions unmask (a float64 Bernoul
 for those positions only, so the float64 vocabulary-wide draw costs B L V once per sample, not once per step.
 Which positions unmask at which step can also be drawn before the loop, with the same law (`unmask_plan`; the
 default on CUDA): the loop then never reads a tensor back, so the host queues step after step without waiting.
+Only the rows a step unmasks are read from the prediction, so a model that splits off its vocabulary head
+(`splits_head`: MaskedDenoiser) runs its trunk on every position and the head on those rows alone (`row_head`,
+the default), and a step that unmasks nothing makes no model call.
 Vocabulary-wide float64 work is done in chunks of rows of at most `DRAW_CHUNK` elements to bound memory.
 
 Uniform-state models (mask_id=None) start from uniform noise and draw every position from the posterior
@@ -42,6 +45,7 @@ import torch
 
 from fewstep.compiled import kernel
 from fewstep.diffusion.uniform import posterior_probs
+from fewstep.parallel import is_sharded
 
 TINY = torch.finfo(torch.float64).tiny
 
@@ -150,6 +154,7 @@ def sample(
     block: int = 0,
     fused_draw: bool | None = None,
     plan: bool | None = None,
+    row_head: bool | None = None,
 ):
     """Ancestral sampling of a masked denoiser `model(x_t, t) -> log p(x0 | x_t)` from the all-mask state.
 
@@ -164,7 +169,12 @@ def sample(
     ancestral draw as one compiled kernel (`draw_rows`; the same tokens); None = on CUDA only. plan: draw before
     the loop the step at which each masked position unmasks (`unmask_plan`: the same law, one host synchronisation
     per sample instead of one per step, so the loop never waits for the device); None = on CUDA only (it draws
-    other tokens for a seed than the per-step draws). Ancestral unmasking only.
+    other tokens for a seed than the per-step draws). Ancestral unmasking only. row_head: run the model's trunk on
+    every position but its vocabulary head and log-softmax only on the rows that unmask at this step, the only
+    rows of the prediction the ancestral step reads (the same law; a step that unmasks nothing calls no model);
+    needs `model(x_t, t, hidden=True)` and `model.head_log_probs` (`model.splits_head`), ancestral unmasking, no
+    guidance, no on_step; None = whenever the model has them and is not sharded by FSDP (a product over fewer rows
+    can round differently, so a seed may, rarely, draw another token than with the full head).
     Returns x0 (B, L), or (x0, trajectory) with trajectory a list of steps + 1 states.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -192,9 +202,26 @@ def sample(
     if mask_id is not None and unmask == "random" and (device.type == "cuda" if plan is None else plan):
         moves = [_move(alphas[k], alphas[k + 1], times[k + 1]) for k in range(steps)]
         planned = unmask_plan(x, mask_id, moves, generator)
+    rows_only = _rows_only(row_head, model, device, mask_id, unmask, guidance, on_step)
     pred, changed = None, True
     for k in range(steps):
         t, s = (times[k], times[k + 1]) if pairs is None else pairs[k]
+        if rows_only:  # the trunk on every position, the head on the rows that unmask now
+            greedy = k == steps - 1 and greedy_tail
+            masked = x == mask_id  # (B, L)
+            rows = (masked.reshape(-1).nonzero().squeeze(1) if greedy else planned[k] if planned is not None
+                    else _unmasking_rows(masked, _move(alphas[k], alphas[k + 1], s), generator))  # (N,)
+            # a step that unmasks nothing reads no prediction: no model call. Every other step follows a change of
+            # x since the last call, so the cache has nothing to reuse here.
+            if rows.numel():
+                with autocast(device, precision):
+                    h = model(x, torch.full((x.shape[0],), t, device=device), hidden=True)  # (B, L, D)
+                    lp = model.head_log_probs(h.flatten(0, 1)[rows])  # (N, V)
+                x = _write(x, rows, lp.argmax(-1) if greedy else draw_rows(lp, temperature, top_p, generator,
+                                                                             fused=fused))
+            if trajectory is not None:
+                trajectory.append(x.clone())
+            continue
         if pred is None or changed or not cache:
             with autocast(device, precision):
                 pred = model(x, torch.full((x.shape[0],), t, device=device))  # (B, L, V)
@@ -221,22 +248,42 @@ def sample(
             x_new = confidence_step(log_p, x, eligible, move, temperature, top_p, generator)
             changed = bool((x_new != x).any())
         else:
-            if planned is None:
-                u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
-                rows = (masked & (u < move)).reshape(-1).nonzero().squeeze(1)  # (N,) flat positions unmasking now
-            else:
-                rows = planned[k]  # (N,) the same law, drawn before the loop
+            rows = _unmasking_rows(masked, move, generator) if planned is None else planned[k]  # (N,)
             lp = log_p.flatten(0, 1)[rows]  # (N, V)
-            x_new = x.reshape(-1).clone()  # only the N masked positions are written: unmasked tokens never change
-            x_new[rows] = (draw_rows(lp, temperature, top_p, generator, fused=fused) if guidance is None
+            x_new = _write(x, rows, draw_rows(lp, temperature, top_p, generator, fused=fused) if guidance is None
                            else guidance.draw(k, steps, s, x, rows, lp, generator))
-            x_new, changed = x_new.view_as(x), rows.numel() > 0
+            changed = rows.numel() > 0
         if on_step is not None:
             on_step(k, t, s, x, log_p, x_new)
         x = x_new
         if trajectory is not None:
             trajectory.append(x.clone())
     return (x, trajectory) if return_trajectory else x
+
+
+def _unmasking_rows(masked: torch.Tensor, move: float, generator=None) -> torch.Tensor:
+    """The flat positions (N,) that one ancestral step unmasks: each masked one with probability `move` (float64)."""
+    u = torch.rand(masked.shape, dtype=torch.float64, device=masked.device, generator=generator)
+    return (masked & (u < move)).reshape(-1).nonzero().squeeze(1)
+
+
+def _write(x: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """x (B, L) with the flat positions `rows` (N,) set to `tokens` (N,); nothing else changes."""
+    out = x.reshape(-1).clone()
+    out[rows] = tokens
+    return out.view_as(x)
+
+
+def _rows_only(row_head, model, device, mask_id, unmask, guidance, on_step) -> bool:
+    """Whether `sample` runs the head on the unmasking rows only (`row_head`; None: whenever it can)."""
+    able = mask_id is not None and unmask == "random" and guidance is None and on_step is None
+    has = getattr(model, "splits_head", False)  # MaskedDenoiser over a Transformer
+    if row_head is None:  # not under FSDP: the head's weights are gathered by forward only
+        return able and has and not is_sharded(next(iter(model.parameters()), None))
+    if row_head and not (able and has):
+        raise ValueError("row_head=True needs a model with splits_head (a MaskedDenoiser over a Transformer), "
+                         "ancestral unmasking, no guidance and no on_step; pass row_head=None or False")
+    return bool(row_head)
 
 
 def _move(a_t: float, a_s: float, s: float) -> float:

@@ -86,13 +86,15 @@ def time_dlm(model, *, batch, length, steps, device, precision="fp32", repeats=1
     gen = torch.Generator(device=device).manual_seed(0)
     cuda = torch.device(device).type == "cuda"
     fused = cuda and guidance is None  # RGAS draws through its own hook
+    row_head = guidance is None and bool(getattr(model, "splits_head", False))  # RGAS reads every row
     fn = lambda: sample(model, get_schedule(schedule), batch=batch, length=length, steps=steps,
                         mask_id=model.mask_id, generator=gen, device=device, precision=precision, guidance=guidance,
-                        fused_draw=fused, plan=cuda)
+                        fused_draw=fused, plan=cuda, row_head=row_head)
     _, sec, times = timed(fn, device=device, warmup=0, repeats=repeats)
     return _row("mdlm", "mdlm", "ancestral" if guidance is None else "rgas", batch=batch, length=length,
                 seconds=sec, times=times, device=device, precision=precision, steps=steps, greedy_tail=False,
-                sampling_dtype="float64", fused_draw=fused, unmask_plan=cuda, compile_fallbacks=fallbacks())
+                sampling_dtype="float64", fused_draw=fused, unmask_plan=cuda, row_head=row_head,
+                compile_fallbacks=fallbacks())
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ it within the step). The AR baseline gets the same treatment in `fewstep.ar.ar_s
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn as nn
@@ -39,7 +40,8 @@ def capture(fn, *args, warmup: int = 2):
 
 
 class GraphedDenoiser:
-    """`model(x_t, t) -> log p(x0 | x_t)` replayed from one CUDA graph per (x_t, t) shape."""
+    """`model(x_t, t, **flags) -> log p(x0 | x_t)` replayed from one CUDA graph per (x_t, t) shape and flags (e.g.
+    `hidden=True`, the trunk alone); other methods (`head_log_probs`) run the wrapped model's, eagerly."""
 
     def __init__(self, model: nn.Module, compile: bool = False):
         self.model = model
@@ -53,11 +55,11 @@ class GraphedDenoiser:
         return self.model.parameters()
 
     @torch.no_grad()
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x_t.shape), tuple(t.shape))
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **flags) -> torch.Tensor:
+        key = (tuple(x_t.shape), tuple(t.shape), tuple(sorted(flags.items())))
         if key not in self.graphs:
             sx, st = x_t.clone(), t.clone()
-            graph, out = capture(self.fn, sx, st)
+            graph, out = capture(functools.partial(self.fn, **flags), sx, st)
             # the RoPE tables this graph read stay referenced: a longer input later replaces the model's tables,
             # and the graph would then read freed memory
             self.graphs[key] = (graph, out, sx, st, rope_tables(self.model))
