@@ -178,8 +178,9 @@ def test_row_head_draws_the_full_heads_tokens(plan, time_conditioned):
     step unmasks nothing (every such step, time-conditioned or not)."""
     settings = [dict(steps=1), dict(steps=4, greedy_tail=True), dict(steps=64), dict(steps=16, temperature=0.7),
                 dict(steps=8, top_p=0.9), dict(steps=64, cache=False),
-                dict(steps=2, times=torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64), x_init=torch.where(
-                    torch.rand(6, 24, generator=torch.Generator().manual_seed(1)) < 0.5, 20, 3))]
+                *(dict(steps=2, times=torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64), greedy_tail=g,
+                       x_init=torch.where(torch.rand(6, 24, generator=torch.Generator().manual_seed(1)) < 0.5, 20, 3))
+                  for g in (False, True))]
     fewer = 0
     for kw in settings:
         out, calls = {}, {}

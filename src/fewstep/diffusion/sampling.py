@@ -207,10 +207,13 @@ def sample(
     for k in range(steps):
         t, s = (times[k], times[k + 1]) if pairs is None else pairs[k]
         if rows_only:  # the trunk on every position, the head on the rows that unmask now
-            greedy = k == steps - 1 and greedy_tail
-            masked = x == mask_id  # (B, L)
-            rows = (masked.reshape(-1).nonzero().squeeze(1) if greedy else planned[k] if planned is not None
-                    else _unmasking_rows(masked, _move(alphas[k], alphas[k + 1], s), generator))  # (N,)
+            greedy = k == steps - 1 and greedy_tail  # every masked position: planned[k] too when s = 0
+            if planned is not None and not (greedy and s > 0):
+                rows = planned[k]  # (N,)
+            elif greedy:
+                rows = (x == mask_id).reshape(-1).nonzero().squeeze(1)
+            else:
+                rows = _unmasking_rows(x == mask_id, _move(alphas[k], alphas[k + 1], s), generator)
             # a step that unmasks nothing reads no prediction: no model call. Every other step follows a change of
             # x since the last call, so the cache has nothing to reuse here.
             if rows.numel():
