@@ -15,13 +15,15 @@ Each variant of the step is timed CUDA-synchronised, median of repeats after war
 the unmasking steps drawn up front and drawn (and read back) step by step, give the cost of a read-back per step;
 4- and 64-step samples with the vocabulary head on the unmasking rows only and on every row, what the row head saves.
 The last line printed is JSON; with --append it is also appended to bench/results/roofline-<preset>.jsonl with the
-git SHA and device.
+git SHA and device. A SIGTERM while the variants are timed (bench/gpu_checks.sh's time limit) ends the timing and
+still writes the row, with the variants measured so far and "cut": true.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -33,6 +35,14 @@ from fewstep.diffusion.schedule import get_schedule
 from fewstep.eval.bench import PRESETS, random_models
 from fewstep.eval.speed import append_rows, provenance, timed
 from fewstep.models.inference import GraphedDenoiser, capture
+
+
+class Cut(BaseException):
+    """SIGTERM during the variants: not an Exception, so a variant's own error handling does not swallow it."""
+
+
+def _cut(signum, frame):
+    raise Cut
 
 
 def matmul_rate(m: int, k: int, n: int, device, repeats: int = 20) -> float:
@@ -123,52 +133,60 @@ def main(argv=None) -> int:
         variants[name] = sec
         log(f"{name}: {sec * 1e3:.3f} ms ({sec / floor:.2f}x floor)")
 
-    with torch.no_grad():
-        ac = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-        with ac:
-            time_it("forward fp32 weights + autocast", lambda: dlm(x, t))
-            time_it("backbone only fp32 weights + autocast", lambda: dlm.backbone(x, None))
-        sched = get_schedule("loglinear")
-        gen = torch.Generator(device=device).manual_seed(0)
-        step = lambda m, prec, fused=None, steps=1, plan=None, row_head=None: sample(  # None: the default
-            m, sched, batch=args.batch, length=length, steps=steps, mask_id=m.mask_id, generator=gen, device=device,
-            precision=prec, fused_draw=False if args.no_compile else fused, plan=plan, row_head=row_head)
-        time_it("sampler step fp32 weights + autocast", lambda: step(dlm, "bf16"))
-        half = dlm.to(torch.bfloat16)
-        time_it("forward bf16 weights", lambda: half(x, t))
-        time_it("sampler step bf16 weights", lambda: step(half, "fp32"))
-        if cuda:
-            time_it("forward bf16 weights, CUDA graph", make=lambda: cuda_graph(half, x, t))
-        if cuda:
-            g_eager = GraphedDenoiser(half)
-            time_it("sampler step bf16 weights, CUDA graph", lambda: step(g_eager, "fp32"))
-        if not args.no_compile:
-            comp = torch.compile(half)
-            time_it("forward bf16 weights, compiled", lambda: comp(x, t))
+    signal.signal(signal.SIGTERM, _cut)  # a time limit (gpu_checks.sh) keeps the variants measured so far
+    cut = False
+    try:
+        with torch.no_grad():
+            ac = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+            with ac:
+                time_it("forward fp32 weights + autocast", lambda: dlm(x, t))
+                time_it("backbone only fp32 weights + autocast", lambda: dlm.backbone(x, None))
+            sched = get_schedule("loglinear")
+            gen = torch.Generator(device=device).manual_seed(0)
+            step = lambda m, prec, fused=None, steps=1, plan=None, row_head=None: sample(  # None: the default
+                m, sched, batch=args.batch, length=length, steps=steps, mask_id=m.mask_id, generator=gen, device=device,
+                precision=prec, fused_draw=False if args.no_compile else fused, plan=plan, row_head=row_head)
+            time_it("sampler step fp32 weights + autocast", lambda: step(dlm, "bf16"))
+            half = dlm.to(torch.bfloat16)
+            time_it("forward bf16 weights", lambda: half(x, t))
+            time_it("sampler step bf16 weights", lambda: step(half, "fp32"))
             if cuda:
-                time_it("forward bf16 weights, compiled + CUDA graph", make=lambda: cuda_graph(comp, x, t))
-            time_it("sampler step bf16 weights, compiled", lambda: step(comp, "fp32"))
+                time_it("forward bf16 weights, CUDA graph", make=lambda: cuda_graph(half, x, t))
             if cuda:
-                g_comp = GraphedDenoiser(half, compile=True)
-                time_it("sampler step bf16 weights, compiled + CUDA graph", lambda: step(g_comp, "fp32"))
-                time_it("sampler step bf16 weights, compiled + CUDA graph, unfused draw",
-                        lambda: step(g_comp, "fp32", False))
-                time_it("sampler step bf16 weights, compiled + CUDA graph, full head",
-                        lambda: step(g_comp, "fp32", row_head=False))
-        fast = cuda and not args.no_compile  # 64 steps: what reading back each step's rows costs (sample(plan=))
-        den, tag = (g_comp, "compiled + CUDA graph") if fast else (half, "eager")
-        for plan in (True, False):
-            time_it(f"64-step sample bf16 weights, {tag}, {'planned' if plan else 'per-step'} unmasking",
-                    lambda p=plan: step(den, "fp32", steps=64, plan=p), repeats=5)
-        for k in (4, 64):  # the head on the unmasking rows only (sample(row_head=), the default) against every row
-            for rh in (True, False):
-                time_it(f"{k}-step sample bf16 weights, {tag}, {'row' if rh else 'full'} head",
-                        lambda k=k, rh=rh: step(den, "fp32", steps=k, row_head=rh), repeats=5)
-        logp = half(x, t)
-        time_it("float64 draw over (B, L, V)", lambda: sample_categorical(filter_probs(logp), gen))
-        if not args.no_compile:
-            time_it("float64 draw over (B, L, V), fused",
-                    lambda: draw_rows(logp.flatten(0, 1), generator=gen, fused=True))
+                g_eager = GraphedDenoiser(half)
+                time_it("sampler step bf16 weights, CUDA graph", lambda: step(g_eager, "fp32"))
+            if not args.no_compile:
+                comp = torch.compile(half)
+                time_it("forward bf16 weights, compiled", lambda: comp(x, t))
+                if cuda:
+                    time_it("forward bf16 weights, compiled + CUDA graph", make=lambda: cuda_graph(comp, x, t))
+                time_it("sampler step bf16 weights, compiled", lambda: step(comp, "fp32"))
+                if cuda:
+                    g_comp = GraphedDenoiser(half, compile=True)
+                    time_it("sampler step bf16 weights, compiled + CUDA graph", lambda: step(g_comp, "fp32"))
+                    time_it("sampler step bf16 weights, compiled + CUDA graph, unfused draw",
+                            lambda: step(g_comp, "fp32", False))
+                    time_it("sampler step bf16 weights, compiled + CUDA graph, full head",
+                            lambda: step(g_comp, "fp32", row_head=False))
+            fast = cuda and not args.no_compile  # 64 steps: what reading back each step's rows costs (sample(plan=))
+            den, tag = (g_comp, "compiled + CUDA graph") if fast else (half, "eager")
+            for plan in (True, False):
+                time_it(f"64-step sample bf16 weights, {tag}, {'planned' if plan else 'per-step'} unmasking",
+                        lambda p=plan: step(den, "fp32", steps=64, plan=p), repeats=5)
+            for k in (4, 64):  # the head on the unmasking rows only (sample(row_head=), the default) against every row
+                for rh in (True, False):
+                    time_it(f"{k}-step sample bf16 weights, {tag}, {'row' if rh else 'full'} head",
+                            lambda k=k, rh=rh: step(den, "fp32", steps=k, row_head=rh), repeats=5)
+            logp = half(x, t)
+            time_it("float64 draw over (B, L, V)", lambda: sample_categorical(filter_probs(logp), gen))
+            if not args.no_compile:
+                time_it("float64 draw over (B, L, V), fused",
+                        lambda: draw_rows(logp.flatten(0, 1), generator=gen, fused=True))
+    except Cut:
+        cut = True
+        log("cut by SIGTERM: the row keeps the variants measured so far")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     ok = {k: v for k, v in variants.items() if v}
     best_step = min((v for k, v in ok.items() if k.startswith("sampler")), default=None)
@@ -181,7 +199,7 @@ def main(argv=None) -> int:
            "best_forward_over_floor": best_fwd / floor if best_fwd else None,
            "best_step_over_floor": best_step / floor if best_step else None,
            "best_step_over_step_floor": best_step / step_floor if best_step else None,
-           "compile_fallbacks": fallbacks(), **provenance(device)}
+           "compile_fallbacks": fallbacks(), "cut": cut, **provenance(device)}
     if args.append:
         append_rows(Path(__file__).parent / "results" / f"roofline-{args.preset}.jsonl", [row])
     print(json.dumps(row, default=str))

@@ -11,6 +11,8 @@ are read from the run's log.jsonl. The first logging window (start-up, first ite
 are pooled: tokens/s = tokens / seconds over the remaining windows. Each row is appended to
 bench/results/train-throughput-<device>.jsonl with the git SHA, device, torch version and time; the last line
 printed is JSON. On a shared machine the numbers are noisy: compare rows of one invocation, not across days.
+A SIGTERM (bench/gpu_checks.sh's time limit) stops the current run and writes its row from the windows it logged
+so far, with "cut": true; later settings are not started.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +39,14 @@ def _device_name(device: str, threads: int) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads/process)"
 
 
+class Cut(BaseException):
+    """SIGTERM (bench/gpu_checks.sh's time limit) while a run trains."""
+
+
+def _cut(signum, frame):
+    raise Cut
+
+
 def run_one(args, nproc: int, mode: str, out: Path, port: int) -> dict:
     train = [sys.executable, "-m", "fewstep", "train"]
     if nproc > 1:
@@ -49,12 +60,25 @@ def run_one(args, nproc: int, mode: str, out: Path, port: int) -> dict:
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc, cut = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), False
+    try:
+        _, err = proc.communicate()
+    except Cut:  # a time limit: stop the run, keep the windows it logged
+        cut = True
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
     wall = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise SystemExit(f"run failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}")
-    logs = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines() if ln.strip()]
+    if proc.returncode != 0 and not cut:
+        raise SystemExit(f"run failed ({' '.join(cmd)}):\n{err[-3000:]}")
+    log = out / "log.jsonl"
+    logs = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()] if log.is_file() else []
     windows = [r for r in logs if r.get("tokens_per_s")]
+    if not windows:
+        raise SystemExit(f"cut by SIGTERM before the first logging window of {' '.join(cmd)}")
     kept = windows[1:] or windows  # the first window holds start-up and first-iteration costs
     tps = len(kept) / sum(1.0 / r["tokens_per_s"] for r in kept)  # equal tokens per window: pool the seconds
     per_token = [r["mfu"] / r["tokens_per_s"] for r in kept if r.get("mfu")]  # FLOPs per token / peak: constant
@@ -62,7 +86,7 @@ def run_one(args, nproc: int, mode: str, out: Path, port: int) -> dict:
             "steps": args.steps, "log_every": args.log_every, "tokens_per_s": tps,
             "tokens_per_s_windows": [r["tokens_per_s"] for r in windows],
             "mfu": tps * per_token[0] if per_token else None,
-            "compile_fallbacks": sorted({f for r in logs for f in r.get("compile_fallbacks", [])}),
+            "compile_fallbacks": sorted({f for r in logs for f in r.get("compile_fallbacks", [])}), "cut": cut,
             "wall_s": wall, "threads_per_process": args.threads, "overrides": args.overrides,
             "command": " ".join([f"OMP_NUM_THREADS={args.threads}", "python", *cmd[1:]]).replace(str(out), "OUT"),
             "device": args.device, **provenance(args.device, _device_name(args.device, args.threads))}
@@ -85,6 +109,7 @@ def main(argv=None) -> int:
     path = Path(args.results) / f"train-throughput-{args.device}.jsonl"
     plan = [(n, m) for n in map(int, args.procs.split(",")) for m in (args.modes.split(",") if n > 1 else ["ddp"])]
     rows = []
+    signal.signal(signal.SIGTERM, _cut)  # a time limit ends the current run with a row of what it logged
     with tempfile.TemporaryDirectory() as tmp:
         for i, (nproc, mode) in enumerate(plan):
             rows.append(run_one(args, nproc, mode, Path(tmp) / f"run{i}", args.port + i))
@@ -93,6 +118,9 @@ def main(argv=None) -> int:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rows[-1]) + "\n")
+            if rows[-1]["cut"]:
+                break
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     summary = {"rows": [{k: r[k] for k in ("world_size", "parallel", "tokens_per_s", "mfu")} for r in rows]}
     if not args.no_append:
         summary["results"] = str(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,52 @@ def test_device_bench_scripts_run_on_cpu(script, args, keys):
     failed = [k for k, v in out.get("variants_s", {}).items() if v is None]  # roofline.py: a variant that raised
     assert not failed
     assert script != "roofline.py" or "4-step sample bf16 weights, eager, row head" in out["variants_s"]
+
+
+def test_roofline_cut_by_a_time_limit_still_writes_its_row():
+    """bench/gpu_checks.sh stops a part with SIGTERM at its time limit: the roofline then stops timing and prints
+    its row with the variants measured so far and "cut": true (a lent GPU's minutes are not lost to a cut part)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "roofline.py"), "--preset", "tiny", "--repeats",
+                             "20", "--no-compile"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT)
+    try:
+        for line in proc.stderr:  # the floor first, then one line per variant timed
+            if "x floor)" in line:
+                break
+        proc.send_signal(signal.SIGTERM)  # seconds of variants are left (the 64-step samples)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["cut"] is True and "cut by SIGTERM" in err
+    measured = [k for k, v in row["variants_s"].items() if v is not None]
+    assert measured and measured[0] == "forward fp32 weights + autocast" and row["floor_s"] > 0
+    assert "64-step sample bf16 weights, eager, row head" not in row["variants_s"]  # really cut short
+
+
+def test_train_throughput_cut_by_a_time_limit_keeps_the_logged_windows(tmp_path):
+    """The same for bench/train_throughput.py: SIGTERM stops the training run it waits for, and the row is built
+    from the windows that run logged so far ("cut": true)."""
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--procs", "1",
+                             "--steps", "100000", "--log-every", "2", "--no-append"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # wait for two logged windows of the run (the first is dropped)
+            logs = list(tmp_path.glob("*/run0/log.jsonl"))
+            if logs and logs[0].read_text().count("tokens_per_s") >= 2:
+                break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    row = json.loads(err.strip().splitlines()[-1])  # the row; stdout's last line is the summary
+    assert row["cut"] is True and row["steps"] == 100000 and len(row["tokens_per_s_windows"]) >= 2
+    assert row["tokens_per_s"] > 0 and json.loads(out.strip().splitlines()[-1])["rows"][0]["tokens_per_s"] > 0
