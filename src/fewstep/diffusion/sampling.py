@@ -161,8 +161,9 @@ def sample(
     times: a decreasing grid from 1 to 0 with steps + 1 points (default uniform). greedy_tail: argmax instead of a
     draw at the last step (Duo's greedy tail / MDLM's noise removal; lowers entropy, report it). cache: reuse the
     last prediction when no token changed and the model is not time-conditioned (MDLM's ddpm_cache); None picks
-    it automatically. on_step: called as on_step(k, t, s, x_t, log_p, x_s) after every step with the model's
-    log p(x0 | x_t) (B, L, V) that drove it (distillation targets read the teacher's predictions from it).
+    it automatically (with the row head below, a step that changes nothing makes no call: nothing to reuse).
+    on_step: called as on_step(k, t, s, x_t, log_p, x_s) after every step with the model's log p(x0 | x_t)
+    (B, L, V) that drove it (distillation targets read the teacher's predictions from it).
     guidance: an object with `tilt` and `draw` (module docstring), or None for the plain ancestral sampler.
     unmask: "random" (ancestral) or "confidence"; block: block length for block-wise decoding (0 = one block); both
     are described in the module docstring (confidence-based decoding; masked models only). fused_draw: the
