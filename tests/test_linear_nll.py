@@ -100,3 +100,32 @@ def test_shape_mismatch_is_one_clear_error():
     h, w, y, _ = _problem()
     with pytest.raises(ValueError, match=r"must be \(N, D\), \(V, D\), \(N,\)"):
         linear_nll(h, w[:, :4], y)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("exclude", [None, 300])
+def test_padded_vocabulary_gives_the_same_values_and_gradients(exclude, fused):
+    """pad_to (the CUDA default: 64) computes over W with zero rows up to a multiple of it and gives the padded
+    columns probability 0: the same NLL and gradients as V columns (V = 301 -> 320), the weight's gradient of
+    shape (V, D); float64, so only the summation order could differ."""
+    h, w, y, g_nll = _problem(N=40, D=8, V=301)
+    ref = _value_and_grads(linear_nll, h, w, y, g_nll, exclude=exclude, chunk=16 * 301, fused=fused, pad_to=1)
+    pad = _value_and_grads(linear_nll, h, w, y, g_nll, exclude=exclude, chunk=16 * 301, fused=fused, pad_to=64)
+    assert pad[2].shape == w.shape
+    for a, b in zip(pad, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    plain = _value_and_grads(lambda h, w, y: _plain(h, w, y, exclude), h, w, y, g_nll)
+    torch.testing.assert_close(pad[0], plain[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="pad_to=0 must be >= 1"):
+        linear_nll(h, w, y, pad_to=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_default_pads_the_vocabulary_and_matches_the_unpadded_path():
+    h, w, y, g_nll = (t.detach().cuda() for t in _problem(N=64, D=16, V=301, dtype=torch.float32))
+    h.requires_grad_(), w.requires_grad_()
+    pad = _value_and_grads(linear_nll, h, w, y, g_nll, exclude=300)  # CUDA default: pad_to=64, compiled passes
+    ref = _value_and_grads(linear_nll, h, w, y, g_nll, exclude=300, pad_to=1)
+    for a, b in zip(pad, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

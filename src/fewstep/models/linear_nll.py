@@ -13,7 +13,9 @@ logits z = h W^T and forms the gradient (softmax(z) - onehot(y)) * dL/dnll in on
 Cost: one more head matmul (its FLOPs go from 3 to 4 forward-equivalents); memory: a chunk of logits instead of
 several (N, V) tensors. The logits use autocast's dtype when autocast is on (bf16 on a GPU), as `head(h)` would, and
 lse, the NLL and the softmax are float32. On CUDA the two per-chunk passes are compiled kernels (`fused=None`;
-`fewstep.compiled`).
+`fewstep.compiled`), and W gets zero rows up to a multiple of 64 (`pad_to`; columns past V get probability 0): at
+V = 50,258 a row of bf16 logits is 100,516 bytes, not a multiple of 16, which keeps the GEMMs that write or read
+the (n, V) chunk off the GPU's aligned tensor-core kernels.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ CHUNK = 2**26  # logits per chunk (rows x V): 256 MB in float32, 1,335 rows at V
 NEG_INF = -1e6  # finite "log 0": keeps 0 * log 0 terms free of NaN in divergences
 
 
-def _nll_rows(z: torch.Tensor, y: torch.Tensor, exclude: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, V) logits, (n,) targets -> (nll, lse), both (n,) float32 (float64 for float64 logits). Overwrites z
-    when it is float32 or float64 already (a chunk's own logits)."""
+def _nll_rows(z: torch.Tensor, y: torch.Tensor, exclude: int | None, n_valid: int) -> tuple[torch.Tensor, ...]:
+    """(n, V) logits, (n,) targets -> (nll, lse), both (n,) float32 (float64 for float64 logits); the columns from
+    n_valid on (padding) and `exclude` get probability 0. Overwrites z when it is float32 or float64 already (a
+    chunk's own logits)."""
     z = z.to(torch.promote_types(z.dtype, torch.float32))
     if exclude is not None:
         z[:, exclude] = NEG_INF
+    if n_valid < z.shape[-1]:
+        z[:, n_valid:] = NEG_INF
     lse = z.logsumexp(-1)  # (n,)
     return lse - z.gather(-1, y[:, None]).squeeze(-1), lse
 
@@ -60,15 +65,20 @@ def _grad_rows_fused(z: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, g_nll:
 
 class _LinearNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, y, exclude, chunk, fused, dtype):
+    def forward(ctx, h, weight, y, exclude, chunk, fused, dtype, pad_to):
         nll_rows, grad_rows = (kernel(_nll_rows), kernel(_grad_rows_fused)) if fused else (_nll_rows, _grad_rows)
+        V, D = weight.shape
         h_c, w_c = h.to(dtype), weight.to(dtype)  # (N, D), (V, D): the head's matmul dtype
+        if -V % pad_to:  # zero rows up to a multiple of pad_to: (V', D), the columns past V excluded below
+            w_c = torch.cat([w_c, w_c.new_zeros(-V % pad_to, D)])
+        chunk = max(1, chunk // w_c.shape[0])  # rows per chunk
         nll = torch.empty(h.shape[0], dtype=torch.promote_types(dtype, torch.float32), device=h.device)  # (N,)
         lse = torch.empty_like(nll)
         for i in range(0, h.shape[0], chunk):
-            nll[i : i + chunk], lse[i : i + chunk] = nll_rows(h_c[i : i + chunk] @ w_c.T, y[i : i + chunk], exclude)
+            nll[i : i + chunk], lse[i : i + chunk] = nll_rows(h_c[i : i + chunk] @ w_c.T, y[i : i + chunk], exclude,
+                                                              V)
         ctx.save_for_backward(h_c, w_c, y, lse)
-        ctx.exclude, ctx.chunk, ctx.grad_rows, ctx.dtypes = exclude, chunk, grad_rows, (h.dtype, weight.dtype)
+        ctx.exclude, ctx.chunk, ctx.grad_rows, ctx.dtypes, ctx.V = exclude, chunk, grad_rows, (h.dtype, weight.dtype), V
         return nll
 
     @staticmethod
@@ -80,24 +90,27 @@ class _LinearNLL(torch.autograd.Function):
         n = ctx.chunk
         with torch.autocast(h_c.device.type, enabled=False):  # the dtypes are the forward's, whatever is active now
             for i in range(0, h_c.shape[0], n):
+                # padding columns: their entries of g meet zero rows of W in g W and fill rows of g^T h cut below
                 g = ctx.grad_rows(h_c[i : i + n] @ w_c.T, lse[i : i + n], y[i : i + n], g_nll[i : i + n], ctx.exclude)
                 if want_h:
                     grad_h[i : i + n] = g @ w_c
                 if want_w:
                     grad_w += g.T @ h_c[i : i + n]
-        return (grad_h.to(ctx.dtypes[0]) if want_h else None, grad_w.to(ctx.dtypes[1]) if want_w else None,
-                None, None, None, None, None)
+        return (grad_h.to(ctx.dtypes[0]) if want_h else None, grad_w[: ctx.V].to(ctx.dtypes[1]) if want_w else None,
+                None, None, None, None, None, None)
 
 
 @torch.compiler.disable  # a Python loop over a data-dependent row count: run eagerly inside a compiled model
 def linear_nll(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, exclude: int | None = None,
-               chunk: int = CHUNK, fused: bool | None = None) -> torch.Tensor:
+               chunk: int = CHUNK, fused: bool | None = None, pad_to: int | None = None) -> torch.Tensor:
     """-log softmax(h weight^T)[y] with column `exclude` at probability 0: (N, D), (V, D), (N,) -> (N,) float32
     (float64 for float64 inputs).
 
     The same values and gradients as `(h @ weight.T).float()`, the excluded column set to log 0, `log_softmax`,
     gather, in O(chunk) memory (module docstring). chunk: logits per chunk (rows x V). fused: compile the per-chunk
-    passes (default: on CUDA). A y equal to `exclude` is a row of probability 0 (NLL about 1e6)."""
+    passes (default: on CUDA). pad_to: compute over W with zero rows up to a multiple of this, the extra columns at
+    probability 0 (the same values; aligned GEMMs; default: 64 on CUDA, 1 elsewhere). A y equal to `exclude` is a
+    row of probability 0 (NLL about 1e6)."""
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1] or y.shape != h.shape[:1]:
         raise ValueError(f"linear_nll: shapes h {tuple(h.shape)}, weight {tuple(weight.shape)}, y {tuple(y.shape)} "
                          "must be (N, D), (V, D), (N,)")
@@ -105,5 +118,8 @@ def linear_nll(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, exclude: 
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(h.dtype,
                                                                                                       weight.dtype)
     fused = dev == "cuda" if fused is None else fused
+    pad_to = (64 if dev == "cuda" else 1) if pad_to is None else pad_to
+    if pad_to < 1:
+        raise ValueError(f"linear_nll: pad_to={pad_to} must be >= 1")
     with torch.autocast(dev, enabled=False):
-        return _LinearNLL.apply(h, weight, y, exclude, max(1, chunk // weight.shape[0]), fused, dtype)
+        return _LinearNLL.apply(h, weight, y, exclude, chunk, fused, dtype, pad_to)
