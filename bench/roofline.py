@@ -11,6 +11,8 @@ Floor of one model call at batch B and length L, from numbers measured in this r
                                                        written and read, float32 log-probs read)
 R_mm is measured twice: on a large 8192^3 product (the device's best) and on this model's own matmul shapes at
 M = B L (what this step can hope for); the floor uses the best rate, the ratio to the shape rate is also given.
+The head's product is also timed with N = V padded to a multiple of 64 (`head_matmul`): what an aligned
+vocabulary would gain at inference.
 Each variant of the step is timed CUDA-synchronised, median of repeats after warm-up. Two 64-step samples, with
 the unmasking steps drawn up front and drawn (and read back) step by step, give the cost of a read-back per step;
 4- and 64-step samples with the vocabulary head on the unmasking rows only and on every row, what the row head saves.
@@ -76,7 +78,8 @@ def step_cost(model, batch: int, length: int) -> dict:
     bytes_ = 2 * n_mm + 4 * tokens * vocab + act
     draw = 20 * tokens * vocab  # one-step update: float64 uniforms written and read (16 B) + float32 log-probs read
     shapes = [(tokens, p.shape[1], p.shape[0]) for _, p in mm]  # (M, K, N) of every matmul, repeats included
-    return {"flops": flops, "bytes": bytes_, "draw_bytes": draw, "n_matmul_params": n_mm, "shapes": shapes}
+    return {"flops": flops, "bytes": bytes_, "draw_bytes": draw, "n_matmul_params": n_mm, "shapes": shapes,
+            "head_shape": (tokens, d, vocab)}
 
 
 def cuda_graph(fn, *args):
@@ -109,6 +112,11 @@ def main(argv=None) -> int:
         512, 512, 512, device, 2)
     rates = {s: matmul_rate(*s, device, repeats=10) for s in set(cost["shapes"])}
     t_shapes = sum(2 * m * k * n / rates[(m, k, n)] for m, k, n in cost["shapes"])  # the model's matmuls alone
+    m, k, n = cost["head_shape"]  # the vocabulary head: N = V (50,258 = GPT-2 + mask is not a multiple of 8)
+    head_rates = {"vocab": n, "rate": rates[(m, k, n)], "rate_padded_to_64": matmul_rate(m, k, n + -n % 64, device,
+                                                                                          repeats=10)}
+    log(f"head matmul {m}x{k}x{n}: {head_rates['rate'] / 1e12:.0f} TFLOP/s; N padded to a multiple of 64: "
+        f"{head_rates['rate_padded_to_64'] / 1e12:.0f} TFLOP/s")
     bw = copy_bandwidth(device, 2**30 if cuda else 2**24)
     floor_compute, floor_memory = cost["flops"] / r_peak, cost["bytes"] / bw
     floor = max(floor_compute, floor_memory)
@@ -193,6 +201,7 @@ def main(argv=None) -> int:
     best_fwd = min((v for k, v in ok.items() if k.startswith("forward")), default=None)
     row = {"preset": args.preset, "batch": args.batch, "seq_len": length, **{k: cost[k] for k in
            ("flops", "bytes", "n_matmul_params")}, "matmul_rate_peak": r_peak, "matmul_time_model_shapes_s": t_shapes,
+           "head_matmul": head_rates,
            "copy_bandwidth": bw, "floor_s": floor, "floor_compute_s": floor_compute, "floor_memory_s": floor_memory,
            "draw_bytes": cost["draw_bytes"], "step_floor_s": step_floor,
            "variants_s": variants, "best_forward_s": best_fwd, "best_step_s": best_step,

@@ -138,7 +138,7 @@ def test_bench_from_checkpoints(pydoc_data, tmp_path, capsys):
 
 @pytest.mark.parametrize("script, args, keys", [
     ("roofline.py", ["--preset", "tiny", "--repeats", "2", "--no-compile"],
-     {"floor_s", "step_floor_s", "variants_s", "best_step_over_floor", "git_sha", "device_name"}),
+     {"floor_s", "step_floor_s", "variants_s", "best_step_over_floor", "head_matmul", "git_sha", "device_name"}),
     ("draw.py", ["--rows", "16", "--vocab", "1000", "--warmup", "1", "--repeats", "1", "--no-append"],
      {"same_tokens", "fused_s", "unfused_s", "rand_s", "git_sha"}),
     ("row_head.py", ["--d-model", "32", "--layers", "1", "--heads", "2", "--len", "32", "--vocab", "500", "--steps",
