@@ -51,8 +51,7 @@ def nelbo_masked(model, schedule, x0, t, mask_id, generator=None):
     x_t = q_xt(x0, schedule.alpha(t), mask_id, generator)
     masked = x_t == mask_id
     nll = -model(x_t, t, masked_only=True).gather(-1, x0[masked][:, None]).squeeze(-1)  # (N,)
-    return weight(schedule, t) * torch.zeros(x0.shape, dtype=nll.dtype, device=x0.device).masked_scatter(masked,
-                                                                                                         nll).sum(-1)
+    return _nelbo_of_rows(schedule, t, masked, nll)
 
 
 def nelbo_chunked_unpadded(model, schedule, x0, t, mask_id, generator=None):
@@ -61,8 +60,13 @@ def nelbo_chunked_unpadded(model, schedule, x0, t, mask_id, generator=None):
     masked = x_t == mask_id
     h = model.backbone.hidden(x_t, t if model.backbone.time_cond else None)[masked]  # (N, D)
     nll = linear_nll(h, model.backbone.head.weight, x0[masked], exclude=mask_id, pad_to=1)  # (N,)
-    return weight(schedule, t) * torch.zeros(x0.shape, dtype=nll.dtype, device=x0.device).masked_scatter(masked,
-                                                                                                         nll).sum(-1)
+    return _nelbo_of_rows(schedule, t, masked, nll)
+
+
+def _nelbo_of_rows(schedule, t, masked, nll):
+    """Per-sequence NELBO (B,) from the NLLs (N,) at the masked positions `masked` (B, L), in row-major order."""
+    per_position = torch.zeros(masked.shape, dtype=nll.dtype, device=nll.device).masked_scatter(masked, nll)
+    return weight(schedule, t) * per_position.sum(-1)
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -35,16 +34,8 @@ from fewstep.compiled import fallbacks
 from fewstep.diffusion.sampling import draw_rows, filter_probs, sample, sample_categorical
 from fewstep.diffusion.schedule import get_schedule
 from fewstep.eval.bench import PRESETS, random_models
-from fewstep.eval.speed import append_rows, provenance, timed
+from fewstep.eval.speed import Cut, append_rows, provenance, sigterm_cuts, timed
 from fewstep.models.inference import GraphedDenoiser, capture
-
-
-class Cut(BaseException):
-    """SIGTERM during the variants: not an Exception, so a variant's own error handling does not swallow it."""
-
-
-def _cut(signum, frame):
-    raise Cut
 
 
 def matmul_rate(m: int, k: int, n: int, device, repeats: int = 20) -> float:
@@ -141,10 +132,9 @@ def main(argv=None) -> int:
         variants[name] = sec
         log(f"{name}: {sec * 1e3:.3f} ms ({sec / floor:.2f}x floor)")
 
-    signal.signal(signal.SIGTERM, _cut)  # a time limit (gpu_checks.sh) keeps the variants measured so far
     cut = False
-    try:
-        with torch.no_grad():
+    try:  # a time limit (gpu_checks.sh) keeps the variants measured so far
+        with sigterm_cuts(), torch.no_grad():
             ac = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
             with ac:
                 time_it("forward fp32 weights + autocast", lambda: dlm(x, t))
@@ -193,8 +183,6 @@ def main(argv=None) -> int:
     except Cut:
         cut = True
         log("cut by SIGTERM: the row keeps the variants measured so far")
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     ok = {k: v for k, v in variants.items() if v}
     best_step = min((v for k, v in ok.items() if k.startswith("sampler")), default=None)

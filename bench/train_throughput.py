@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,21 +29,13 @@ from pathlib import Path
 
 import torch
 
-from fewstep.eval.speed import provenance
+from fewstep.eval.speed import Cut, append_rows, provenance, sigterm_cuts
 
 
 def _device_name(device: str, threads: int) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads/process)"
-
-
-class Cut(BaseException):
-    """SIGTERM (bench/gpu_checks.sh's time limit) while a run trains."""
-
-
-def _cut(signum, frame):
-    raise Cut
 
 
 def run_one(args, nproc: int, mode: str, out: Path, port: int) -> dict:
@@ -109,18 +100,14 @@ def main(argv=None) -> int:
     path = Path(args.results) / f"train-throughput-{args.device}.jsonl"
     plan = [(n, m) for n in map(int, args.procs.split(",")) for m in (args.modes.split(",") if n > 1 else ["ddp"])]
     rows = []
-    signal.signal(signal.SIGTERM, _cut)  # a time limit ends the current run with a row of what it logged
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, sigterm_cuts():  # a time limit ends the current run with a row
         for i, (nproc, mode) in enumerate(plan):
             rows.append(run_one(args, nproc, mode, Path(tmp) / f"run{i}", args.port + i))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             if not args.no_append:  # row by row: a run stopped by a time limit keeps what it measured
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rows[-1]) + "\n")
+                append_rows(path, rows[-1:])
             if rows[-1]["cut"]:
                 break
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     summary = {"rows": [{k: r[k] for k in ("world_size", "parallel", "tokens_per_s", "mfu")} for r in rows]}
     if not args.no_append:
         summary["results"] = str(path)

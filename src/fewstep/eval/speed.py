@@ -3,10 +3,12 @@ a timing: the device and the git commit it was measured at."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import time
@@ -71,3 +73,22 @@ def append_rows(path, rows) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.writelines(json.dumps(r, default=str) + "\n" for r in rows)
+
+
+class Cut(BaseException):
+    """A SIGTERM inside `sigterm_cuts()` (bench/gpu_checks.sh's time limit): not an Exception, so a benchmark's own
+    error handling does not swallow it."""
+
+
+@contextlib.contextmanager
+def sigterm_cuts():
+    """Inside, SIGTERM raises `Cut`, so a benchmark cut by a time limit can still write what it measured."""
+
+    def cut(signum, frame):
+        raise Cut
+
+    before = signal.signal(signal.SIGTERM, cut)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
